@@ -1,0 +1,5 @@
+"""hybrid_d2: hybrid CNN-Transformer backbones for Detectron2."""
+from .config import add_hybrid_config
+
+__version__ = "0.1.0"
+__all__ = ["add_hybrid_config"]

@@ -1,0 +1,440 @@
+"""MixFormer backbone (Chen et al., "MixFormer: Mixing Features across Windows and Dimensions",
+CVPR 2022), ported from the official PaddleClas classification model for Detectron2.
+
+Design note: shared/design/mixformer.md. Module names mirror the Paddle parameter names (§7.2) so that
+converting official weights is a transpose/rename only (hybrid_d2.checkpoint.mixformer).
+
+Departures from the official code, all for detection:
+
+* The classification tail (``norm``, ``last_proj``, ``head``) is dropped; the four stage outputs are
+  read after the last block of each stage, before its ConvMerging, optionally through a fresh
+  LayerNorm each (``D2MixFormer(output_norm=True)``).
+* The channel interaction's BatchNorm sees a 1x1 pooled map, so in train mode its statistics come
+  from the per-device batch alone: with 1 image per device it raises "Expected more than 1 value per
+  channel", with 2 it is mostly noise (design note §6 #5). It is built from ``pooled_norm``, by default
+  ``FrozenStatsBN``: running statistics always (ImageNet ones once weights are loaded), trainable
+  affine, same parameters and state dict as BatchNorm. ``pooled_norm="BN"`` or ``"SyncBN"``
+  reproduces the official train-mode behaviour. Every other BatchNorm is built from ``norm``.
+* ConvMerging zero-pads odd maps on the bottom/right before its 2x2 stride-2 conv (Swin-style), so
+  any input size works; the official code asserts even sizes.
+
+Kept from the official code: the stem is the code's (three 3x3 convs, then a 2x2 stride-2 projection
+and a LayerNorm; the paper mentions only the convs), and windows are zero-padded after ``norm1``
+with padded tokens left unmasked in attention and included in the channel interaction's average
+pool (§6 #6).
+"""
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
+from detectron2.layers.batch_norm import LayerNorm
+from detectron2.modeling import BACKBONE_REGISTRY, Backbone
+from timm.layers import DropPath, Mlp, trunc_normal_
+from torch import nn
+
+from ..layers import get_norm, pad_to_multiple, relative_position_index, window_partition
+from ..layers import window_reverse
+
+__all__ = ["VARIANTS", "MixFormer", "D2MixFormer", "build_mixformer_backbone"]
+
+# Design note §3.1: Table 2 (B1-B4) and the official code (B0, B5, B6); drop_path_rate is the
+# ImageNet value, used as the detection default (§6 #7).
+VARIANTS = {
+    "b0": dict(embed_dim=24, depths=(1, 2, 6, 6), num_heads=(3, 6, 12, 24), drop_path_rate=0.0),
+    "b1": dict(embed_dim=32, depths=(1, 2, 6, 6), num_heads=(2, 4, 8, 16), drop_path_rate=0.0),
+    "b2": dict(embed_dim=32, depths=(2, 2, 8, 8), num_heads=(2, 4, 8, 16), drop_path_rate=0.05),
+    "b3": dict(embed_dim=48, depths=(2, 2, 8, 6), num_heads=(3, 6, 12, 24), drop_path_rate=0.1),
+    "b4": dict(embed_dim=64, depths=(2, 2, 8, 8), num_heads=(4, 8, 16, 32), drop_path_rate=0.2),
+    "b5": dict(embed_dim=96, depths=(1, 2, 8, 6), num_heads=(6, 12, 24, 48), drop_path_rate=0.3),
+    "b6": dict(embed_dim=96, depths=(2, 4, 16, 12), num_heads=(6, 12, 24, 48), drop_path_rate=0.5),
+}
+
+_FEATURE_NAMES = ("res2", "res3", "res4", "res5")
+
+
+def variant_config(variant: str) -> dict:
+    """The architecture arguments of a MixFormer variant ("b0" ... "b6")."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown MixFormer variant {variant!r}; expected one of {sorted(VARIANTS)}")
+    return dict(VARIANTS[variant])
+
+
+def _to_channels_first(x: torch.Tensor) -> torch.Tensor:
+    return x.permute(0, 3, 1, 2)
+
+
+def _to_channels_last(x: torch.Tensor) -> torch.Tensor:
+    return x.permute(0, 2, 3, 1)
+
+
+class ConvEmbed(nn.Module):
+    """Convolution stem (§3.2 "Convolution Stem"; design note §2.2): stride 4, 3 -> C channels."""
+
+    def __init__(self, embed_dim: int, norm: str):
+        super().__init__()
+        mid = embed_dim // 2
+        layers = []
+        for i in range(3):
+            layers += [
+                nn.Conv2d(3 if i == 0 else mid, mid, 3, stride=2 if i == 0 else 1, padding=1),
+                get_norm(norm, mid),
+                nn.GELU(),
+            ]
+        self.stem = nn.Sequential(*layers)
+        self.proj = nn.Conv2d(mid, embed_dim, kernel_size=2, stride=2)
+        self.norm = nn.LayerNorm(embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) image -> (B, ceil(H/4), ceil(W/4), C) channels-last map."""
+        height, width = x.shape[-2:]
+        x = F.pad(x, (0, -width % 4, 0, -height % 4))
+        x = self.proj(self.stem(x))
+        return self.norm(_to_channels_last(x))
+
+
+class MixingAttention(nn.Module):
+    """The MIX function of Eq. (1): parallel window attention and depth-wise conv with the
+    bi-directional interactions of §3.1 (exact computation: design note §2.4).
+
+    Operates on a channels-last (B, Hp, Wp, dim) map whose sides are multiples of the window size.
+    The pointwise projections run on the whole map; only the attention itself runs on windows.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        window_size: int,
+        norm: str,
+        pooled_norm: str,
+    ):
+        super().__init__()
+        attn_dim = dim // 2  # design note §2.5: the attention branch gets half the channels
+        self.num_heads = num_heads
+        self.window_size = window_size
+
+        # "two linear projection layers and two norm layers" (§3.1, below Eq. (2))
+        self.proj_attn = nn.Linear(dim, attn_dim)
+        self.proj_attn_norm = nn.LayerNorm(attn_dim)
+        self.proj_cnn = nn.Linear(dim, dim)
+        self.proj_cnn_norm = nn.LayerNorm(dim)
+
+        # §3.1 parallel design: 3x3 depth-wise conv branch
+        self.dwconv3x3 = nn.Sequential(
+            nn.Conv2d(dim, dim, 3, padding=1, groups=dim), get_norm(norm, dim), nn.GELU()
+        )
+        # §3.1 channel interaction: (GAP), 1x1 conv, BN, GELU, 1x1 conv, (sigmoid)
+        self.channel_interaction = nn.Sequential(
+            nn.Conv2d(dim, dim // 8, 1),
+            get_norm(pooled_norm, dim // 8),
+            nn.GELU(),
+            nn.Conv2d(dim // 8, attn_dim, 1),
+        )
+        self.projection = nn.Conv2d(dim, attn_dim, 1)
+        self.conv_norm = get_norm(norm, attn_dim)
+
+        # window attention branch with Swin's relative position bias
+        self.qkv = nn.Linear(attn_dim, 3 * attn_dim)
+        self.relative_position_bias_table = nn.Parameter(
+            torch.zeros((2 * window_size - 1) ** 2, num_heads)
+        )
+        self.register_buffer(
+            "relative_position_index", relative_position_index(window_size), persistent=False
+        )
+        # §3.1 spatial interaction: 1x1 conv, BN, GELU, 1x1 conv to one channel, (sigmoid)
+        self.spatial_interaction = nn.Sequential(
+            nn.Conv2d(attn_dim, dim // 16, 1),
+            get_norm(norm, dim // 16),
+            nn.GELU(),
+            nn.Conv2d(dim // 16, 1, 1),
+        )
+        self.attn_norm = nn.LayerNorm(attn_dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def relative_position_bias(self) -> torch.Tensor:
+        """(num_heads, ws*ws, ws*ws) additive attention bias."""
+        tokens = self.window_size**2
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        return bias.view(tokens, tokens, -1).permute(2, 0, 1)
+
+    def window_attention(self, qkv: torch.Tensor) -> torch.Tensor:
+        """Multi-head self-attention within each window of a (B, Hp, Wp, 3*C') map -> (B, Hp, Wp, C')."""
+        size = qkv.shape[1:3]
+        windows, padded_size = window_partition(qkv, self.window_size)
+        num_windows, tokens = windows.shape[:2]
+        q, k, v = windows.view(num_windows, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        bias = self.relative_position_bias().to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # scale = head_dim**-0.5
+        out = out.transpose(1, 2).reshape(num_windows, tokens, -1)
+        return window_reverse(out, self.window_size, padded_size, size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_attn = self.proj_attn_norm(self.proj_attn(x))
+        x_cnn = _to_channels_first(self.proj_cnn_norm(self.proj_cnn(x)))
+
+        x_cnn = self.dwconv3x3(x_cnn)
+        channel_attn = self.channel_interaction(F.adaptive_avg_pool2d(x_cnn, 1))
+        x_cnn = self.projection(x_cnn)
+
+        q, k, v = self.qkv(x_attn).chunk(3, dim=-1)
+        v = v * torch.sigmoid(_to_channels_last(channel_attn))  # channel interaction acts on v only
+        x_attn = self.window_attention(torch.cat([q, k, v], dim=-1))
+
+        spatial_attn = self.spatial_interaction(_to_channels_first(x_attn))
+        x_cnn = self.conv_norm(torch.sigmoid(spatial_attn) * x_cnn)
+
+        # §3.1: "normalized by different normalization layers ... and merged by concatenation"
+        x = torch.cat([self.attn_norm(x_attn), _to_channels_last(x_cnn)], dim=-1)
+        return self.proj(x)
+
+
+class MixingBlock(nn.Module):
+    """Mixing Block, Eq. (1)-(2), on a channels-last (B, H, W, dim) map."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        window_size: int,
+        mlp_ratio: float,
+        drop_path: float,
+        norm: str,
+        pooled_norm: str,
+    ):
+        super().__init__()
+        self.window_size = window_size
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = MixingAttention(dim, num_heads, window_size, norm, pooled_norm)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, hidden_features=int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = x.shape[1:3]
+        # zero-pad after norm1, padded tokens unmasked (design note §6 #6)
+        mixed = self.attn(pad_to_multiple(self.norm1(x), self.window_size))
+        x = x + self.drop_path(mixed[:, :height, :width])  # Eq. (1)
+        return x + self.drop_path(self.mlp(self.norm2(x)))  # Eq. (2)
+
+
+class ConvMerging(nn.Module):
+    """Downsampling between stages (§3.2 "stride convolution"): BN, then 2x2 stride-2 conv C -> 2C."""
+
+    def __init__(self, dim: int, norm: str):
+        super().__init__()
+        self.norm = get_norm(norm, dim)
+        self.reduction = nn.Conv2d(dim, 2 * dim, kernel_size=2, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C) -> (B, ceil(H/2), ceil(W/2), 2C); odd sides are zero-padded bottom/right."""
+        x = self.norm(_to_channels_first(x))
+        height, width = x.shape[-2:]
+        x = F.pad(x, (0, width % 2, 0, height % 2))
+        return _to_channels_last(self.reduction(x))
+
+
+class Stage(nn.Module):
+    """Mixing Blocks at one resolution, then (except in the last stage) a ConvMerging."""
+
+    def __init__(
+        self,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        window_size: int,
+        mlp_ratio: float,
+        drop_paths: Sequence[float],
+        norm: str,
+        pooled_norm: str,
+        downsample: bool,
+        use_checkpoint: bool,
+    ):
+        super().__init__()
+        self.use_checkpoint = use_checkpoint
+        self.blocks = nn.ModuleList(
+            MixingBlock(dim, num_heads, window_size, mlp_ratio, drop_paths[i], norm, pooled_norm)
+            for i in range(depth)
+        )
+        self.downsample = ConvMerging(dim, norm) if downsample else None
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Returns the stage output and its downsampled version (None in the last stage)."""
+        for block in self.blocks:
+            if self.use_checkpoint and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return x, self.downsample(x) if self.downsample is not None else None
+
+
+class MixFormer(nn.Module):
+    """MixFormer feature extractor: conv stem and four stages, without the classification tail.
+
+    ``forward`` returns the four stage outputs (NCHW, strides 4/8/16/32, channels C * (1, 2, 4, 8)),
+    each taken after the stage's last block and before its ConvMerging.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        depths: Sequence[int],
+        num_heads: Sequence[int],
+        window_size: int = 7,
+        mlp_ratio: float = 4.0,
+        drop_path_rate: float = 0.0,
+        norm: str = "BN",
+        pooled_norm: str = "FrozenStatsBN",
+        use_checkpoint: bool = False,
+    ):
+        super().__init__()
+        self.channels = [embed_dim * 2**i for i in range(len(depths))]
+        self.patch_embed = ConvEmbed(embed_dim, norm)
+        # stochastic depth rises linearly over all blocks (design note §2.8)
+        drop_paths = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        self.layers = nn.ModuleList()
+        for i, (dim, depth, heads) in enumerate(zip(self.channels, depths, num_heads)):
+            first = sum(depths[:i])
+            self.layers.append(
+                Stage(
+                    dim,
+                    depth,
+                    heads,
+                    window_size,
+                    mlp_ratio,
+                    drop_paths[first : first + depth],
+                    norm,
+                    pooled_norm,
+                    downsample=i < len(depths) - 1,
+                    use_checkpoint=use_checkpoint,
+                )
+            )
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        # design note §2.8; convolutions and BatchNorms keep PyTorch's defaults
+        if isinstance(module, nn.Linear):
+            trunc_normal_(module.weight, std=0.02)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, MixingAttention):
+            trunc_normal_(module.relative_position_bias_table, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        x = self.patch_embed(x)
+        outputs = []
+        for stage in self.layers:
+            out, x = stage(x)
+            outputs.append(_to_channels_first(out).contiguous())
+        return outputs
+
+
+class D2MixFormer(Backbone):
+    """Detectron2 backbone around ``MixFormer``: named outputs ``res2`` ... ``res5``."""
+
+    def __init__(
+        self,
+        variant: str,
+        out_features: Sequence[str] = _FEATURE_NAMES,
+        drop_path_rate: Optional[float] = None,
+        norm: str = "BN",
+        pooled_norm: str = "FrozenStatsBN",
+        output_norm: bool = True,
+        freeze_at: int = 0,
+        use_checkpoint: bool = False,
+    ):
+        """
+        Args:
+            variant: "b0" ... "b6" (design note §3.1).
+            out_features: subset of ("res2", "res3", "res4", "res5").
+            drop_path_rate: stochastic depth; None means the variant's ImageNet value.
+            norm: norm of every BatchNorm except the channel interaction's ("BN", "SyncBN",
+                "FrozenBN", ...).
+            pooled_norm: norm of the channel interaction's BatchNorm on the 1x1 pooled map.
+            output_norm: apply a fresh LayerNorm to each output (design note §6 #2).
+            freeze_at: 0 freezes nothing, 1 the stem, k >= 2 the stem and stages res2 ... res_k.
+            use_checkpoint: recompute each block in the backward pass to save memory.
+        """
+        super().__init__()
+        config = variant_config(variant)
+        if drop_path_rate is None:
+            drop_path_rate = config["drop_path_rate"]
+        unknown = [name for name in out_features if name not in _FEATURE_NAMES]
+        if unknown or not out_features:
+            raise ValueError(f"out_features {list(out_features)}: expected names from {_FEATURE_NAMES}")
+
+        self.depths = tuple(config["depths"])
+        self.net = MixFormer(
+            config["embed_dim"],
+            self.depths,
+            config["num_heads"],
+            drop_path_rate=drop_path_rate,
+            norm=norm,
+            pooled_norm=pooled_norm,
+            use_checkpoint=use_checkpoint,
+        )
+        self._out_features = list(out_features)
+        self._out_feature_strides = {name: 2 ** (i + 2) for i, name in enumerate(_FEATURE_NAMES)}
+        self._out_feature_channels = dict(zip(_FEATURE_NAMES, self.net.channels))
+        self.output_norms = None
+        if output_norm:
+            self.output_norms = nn.ModuleDict(
+                {name: LayerNorm(self._out_feature_channels[name], eps=1e-5) for name in out_features}
+            )
+        self.freeze(freeze_at)
+
+    @property
+    def size_divisibility(self) -> int:
+        return 32
+
+    @property
+    def padding_constraints(self) -> Dict[str, int]:
+        return {"size_divisibility": 32}
+
+    def freeze(self, freeze_at: int) -> None:
+        """Freeze the stem (freeze_at >= 1) and stages res2 ... res_k (freeze_at = k >= 2).
+
+        Stage res_k comprises its blocks and the ConvMerging that feeds it. Frozen parameters stop
+        requiring gradients and frozen BatchNorms become FrozenBatchNorm2d.
+        """
+        if not 0 <= freeze_at <= len(_FEATURE_NAMES) + 1:
+            raise ValueError(f"freeze_at={freeze_at}: expected 0 ... {len(_FEATURE_NAMES) + 1}")
+        frozen = [self.net.patch_embed] if freeze_at >= 1 else []
+        for i in range(freeze_at - 1):
+            frozen.append(self.net.layers[i].blocks)
+            if i > 0:
+                frozen.append(self.net.layers[i - 1].downsample)
+        for module in frozen:
+            for param in module.parameters():
+                param.requires_grad = False
+            FrozenBatchNorm2d.convert_frozen_batchnorm(module)
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """(N, 3, H, W) -> {name: (N, C_i, ceil(H / stride_i), ceil(W / stride_i))}."""
+        outputs = {}
+        for name, feature in zip(_FEATURE_NAMES, self.net(x)):
+            if name in self._out_features:
+                outputs[name] = self.output_norms[name](feature) if self.output_norms else feature
+        return outputs
+
+
+@BACKBONE_REGISTRY.register()
+def build_mixformer_backbone(cfg, input_shape: ShapeSpec) -> D2MixFormer:
+    """Build a D2MixFormer from ``cfg.MODEL.MIXFORMER`` and ``cfg.MODEL.BACKBONE.FREEZE_AT``."""
+    if input_shape.channels != 3:
+        raise ValueError(f"MixFormer expects 3 input channels, got {input_shape.channels}")
+    mix = cfg.MODEL.MIXFORMER
+    return D2MixFormer(
+        variant=mix.VARIANT,
+        out_features=mix.OUT_FEATURES,
+        drop_path_rate=mix.DROP_PATH_RATE,
+        norm=mix.NORM,
+        pooled_norm=mix.POOLED_NORM,
+        output_norm=mix.OUTPUT_NORM,
+        freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT,
+        use_checkpoint=mix.USE_CHECKPOINT,
+    )

@@ -1,4 +1,8 @@
-"""hybrid_d2: hybrid CNN-Transformer backbones for Detectron2."""
+"""hybrid_d2: hybrid CNN-Transformer backbones for Detectron2.
+
+Importing it registers the backbone builders (BACKBONE_REGISTRY) and the shapes datasets.
+"""
+from . import backbones, data  # noqa: F401
 from .config import add_hybrid_config
 
 __version__ = "0.1.0"

@@ -1,7 +1,7 @@
 """MixFormer backbone (Chen et al., "MixFormer: Mixing Features across Windows and Dimensions",
 CVPR 2022), ported from the official PaddleClas classification model for Detectron2.
 
-Design note: shared/design/mixformer.md. Module names mirror the Paddle parameter names (§7.2) so that
+Design note: shared/design/mixformer.md. Module names mirror the Paddle parameter names (§7.2), so
 converting official weights is a transpose/rename only (hybrid_d2.checkpoint.mixformer).
 
 Departures from the official code, all for detection:
@@ -10,11 +10,12 @@ Departures from the official code, all for detection:
   read after the last block of each stage, before its ConvMerging, optionally through a fresh
   LayerNorm each (``D2MixFormer(output_norm=True)``).
 * The channel interaction's BatchNorm sees a 1x1 pooled map, so in train mode its statistics come
-  from the per-device batch alone: with 1 image per device it raises "Expected more than 1 value per
-  channel", with 2 it is mostly noise (design note §6 #5). It is built from ``pooled_norm``, by default
-  ``FrozenStatsBN``: running statistics always (ImageNet ones once weights are loaded), trainable
-  affine, same parameters and state dict as BatchNorm. ``pooled_norm="BN"`` or ``"SyncBN"``
-  reproduces the official train-mode behaviour. Every other BatchNorm is built from ``norm``.
+  from the per-device batch alone: with 1 image per device it raises "Expected more than 1 value
+  per channel", with 2 it is mostly noise (design note §6 #5). It is built from ``pooled_norm``, by
+  default ``FrozenStatsBN``: running statistics always (ImageNet ones once weights are loaded),
+  trainable affine, same parameters and state dict as BatchNorm. ``pooled_norm="BN"`` or
+  ``"SyncBN"`` reproduces the official train-mode behaviour. Every other BatchNorm is built from
+  ``norm``.
 * ConvMerging zero-pads odd maps on the bottom/right before its 2x2 stride-2 conv (Swin-style), so
   any input size works; the official code asserts even sizes.
 
@@ -23,6 +24,7 @@ and a LayerNorm; the paper mentions only the convs), and windows are zero-padded
 with padded tokens left unmasked in attention and included in the channel interaction's average
 pool (§6 #6).
 """
+
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -34,10 +36,15 @@ from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from timm.layers import DropPath, Mlp, trunc_normal_
 from torch import nn
 
-from ..layers import get_norm, pad_to_multiple, relative_position_index, window_partition
-from ..layers import window_reverse
+from ..layers import (
+    get_norm,
+    pad_to_multiple,
+    relative_position_index,
+    window_partition,
+    window_reverse,
+)
 
-__all__ = ["VARIANTS", "MixFormer", "D2MixFormer", "build_mixformer_backbone"]
+__all__ = ["VARIANTS", "D2MixFormer", "MixFormer", "build_mixformer_backbone", "variant_config"]
 
 # Design note §3.1: Table 2 (B1-B4) and the official code (B0, B5, B6); drop_path_rate is the
 # ImageNet value, used as the detection default (§6 #7).
@@ -57,7 +64,9 @@ _FEATURE_NAMES = ("res2", "res3", "res4", "res5")
 def variant_config(variant: str) -> dict:
     """The architecture arguments of a MixFormer variant ("b0" ... "b6")."""
     if variant not in VARIANTS:
-        raise ValueError(f"unknown MixFormer variant {variant!r}; expected one of {sorted(VARIANTS)}")
+        raise ValueError(
+            f"unknown MixFormer variant {variant!r}; expected one of {sorted(VARIANTS)}"
+        )
     return dict(VARIANTS[variant])
 
 
@@ -160,7 +169,7 @@ class MixingAttention(nn.Module):
         return bias.view(tokens, tokens, -1).permute(2, 0, 1)
 
     def window_attention(self, qkv: torch.Tensor) -> torch.Tensor:
-        """Multi-head self-attention within each window of a (B, Hp, Wp, 3*C') map -> (B, Hp, Wp, C')."""
+        """Self-attention in each window of a (B, Hp, Wp, 3*C') q|k|v map -> (B, Hp, Wp, C')."""
         size = qkv.shape[1:3]
         windows, padded_size = window_partition(qkv, self.window_size)
         num_windows, tokens = windows.shape[:2]
@@ -220,7 +229,7 @@ class MixingBlock(nn.Module):
 
 
 class ConvMerging(nn.Module):
-    """Downsampling between stages (§3.2 "stride convolution"): BN, then 2x2 stride-2 conv C -> 2C."""
+    """Downsampling between stages (§3.2 "stride convolution"): BN, 2x2 stride-2 conv C -> 2C."""
 
     def __init__(self, dim: int, norm: str):
         super().__init__()
@@ -292,7 +301,7 @@ class MixFormer(nn.Module):
         self.channels = [embed_dim * 2**i for i in range(len(depths))]
         self.patch_embed = ConvEmbed(embed_dim, norm)
         # stochastic depth rises linearly over all blocks (design note §2.8)
-        drop_paths = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        drop_paths = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
         self.layers = nn.ModuleList()
         for i, (dim, depth, heads) in enumerate(zip(self.channels, depths, num_heads)):
             first = sum(depths[:i])
@@ -365,7 +374,9 @@ class D2MixFormer(Backbone):
             drop_path_rate = config["drop_path_rate"]
         unknown = [name for name in out_features if name not in _FEATURE_NAMES]
         if unknown or not out_features:
-            raise ValueError(f"out_features {list(out_features)}: expected names from {_FEATURE_NAMES}")
+            raise ValueError(
+                f"out_features {list(out_features)}: expected names from {_FEATURE_NAMES}"
+            )
 
         self.depths = tuple(config["depths"])
         self.net = MixFormer(
@@ -383,7 +394,10 @@ class D2MixFormer(Backbone):
         self.output_norms = None
         if output_norm:
             self.output_norms = nn.ModuleDict(
-                {name: LayerNorm(self._out_feature_channels[name], eps=1e-5) for name in out_features}
+                {
+                    name: LayerNorm(self._out_feature_channels[name], eps=1e-5)
+                    for name in out_features
+                }
             )
         self.freeze(freeze_at)
 

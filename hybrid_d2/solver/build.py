@@ -104,14 +104,29 @@ def build_optimizer(cfg: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
         lr_factor_func=lr_factor_func,
     )
     if solver.OPTIMIZER == "AdamW":
-        return maybe_add_gradient_clipping(cfg, torch.optim.AdamW)(
+        return _with_gradient_clipping(cfg, torch.optim.AdamW)(
             params, lr=solver.BASE_LR, betas=tuple(solver.BETAS)
         )
     if solver.OPTIMIZER == "SGD":
-        return maybe_add_gradient_clipping(cfg, torch.optim.SGD)(
+        return _with_gradient_clipping(cfg, torch.optim.SGD)(
             params, lr=solver.BASE_LR, momentum=solver.MOMENTUM, nesterov=solver.NESTEROV
         )
     raise ValueError(f"SOLVER.OPTIMIZER={solver.OPTIMIZER!r}: expected 'AdamW' or 'SGD'")
+
+
+def _with_gradient_clipping(cfg: CfgNode, optimizer_type: type) -> type:
+    """Detectron2's per-parameter clipping ("value", "norm"), plus "full_model": one L2 norm
+    over all gradients, as in the Swin / Mask2Former recipes."""
+    clip = cfg.SOLVER.CLIP_GRADIENTS
+    if not (clip.ENABLED and clip.CLIP_TYPE == "full_model"):
+        return maybe_add_gradient_clipping(cfg, optimizer_type)
+
+    def step(self, closure=None):
+        params = [p for group in self.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, clip.CLIP_VALUE, clip.NORM_TYPE)
+        return optimizer_type.step(self, closure)
+
+    return type(optimizer_type.__name__ + "WithFullModelGradientClip", (optimizer_type,), {"step": step})
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -1,0 +1,101 @@
+"""Convert an official PaddleClas MixFormer state dict for hybrid_d2 (design note §7)."""
+
+import logging
+from typing import Dict, List, Tuple
+
+import torch
+from torch import nn
+
+from ..backbones.mixformer import MixFormer, variant_config
+
+logger = logging.getLogger(__name__)
+
+# Where D2MixFormer's network sits in a Detectron2 FPN model (GeneralizedRCNN, RetinaNet).
+PREFIX = "backbone.bottom_up.net."
+# The classification tail, not used for detection (design note §2.7).
+_TAIL_PREFIXES = ("norm.", "last_proj.", "head.")
+# Paddle BatchNorm statistics -> PyTorch names (design note §7.3).
+_BN_RENAMES = {"._mean": ".running_mean", "._variance": ".running_var"}
+
+
+def _rename(name: str) -> str:
+    for old, new in _BN_RENAMES.items():
+        if name.endswith(old):
+            return name[: -len(old)] + new
+    return name
+
+
+def _reference_network(variant: str) -> MixFormer:
+    config = variant_config(variant)
+    config.pop("drop_path_rate")
+    with torch.device("meta"):  # shapes only, no memory or init cost
+        return MixFormer(**config)
+
+
+def convert_mixformer(
+    official: Dict[str, torch.Tensor], variant: str
+) -> Tuple[Dict[str, torch.Tensor], List[str]]:
+    """Convert a PaddleClas MixFormer state dict for the given variant.
+
+    Paddle Linear weights ([in, out]) are transposed, BatchNorm ``_mean``/``_variance`` renamed, and
+    ``num_batches_tracked`` added; ``relative_position_index`` buffers and the classification tail
+    are dropped. The result is checked against the variant's keys and shapes.
+
+    Returns:
+        the state dict with keys prefixed by ``PREFIX``, and the dropped official keys.
+
+    Raises:
+        ValueError listing every missing key, unexpected key and shape mismatch (PyTorch
+        names and layouts).
+    """
+    network = _reference_network(variant)
+    expected = {name: tuple(t.shape) for name, t in network.state_dict().items()}
+    linear_weights = {
+        f"{name}.weight"
+        for name, module in network.named_modules()
+        if isinstance(module, nn.Linear)
+    }
+
+    converted, dropped = {}, []
+    for official_name, tensor in official.items():
+        if official_name.startswith(_TAIL_PREFIXES) or official_name.endswith(
+            "relative_position_index"
+        ):
+            dropped.append(official_name)
+            continue
+        name = _rename(official_name)
+        if name in linear_weights and tensor.dim() == 2:
+            tensor = tensor.t()
+        converted[name] = tensor.contiguous()
+    for name in expected:
+        if name.endswith("num_batches_tracked") and name not in converted:
+            converted[name] = torch.tensor(0, dtype=torch.long)
+
+    _check(converted, expected, variant)
+    if dropped:
+        logger.info("dropped %d keys not used for detection: %s", len(dropped), dropped)
+    return {PREFIX + name: tensor for name, tensor in converted.items()}, dropped
+
+
+def _check(converted: Dict[str, torch.Tensor], expected: Dict[str, tuple], variant: str) -> None:
+    missing = sorted(set(expected) - set(converted))
+    unexpected = sorted(set(converted) - set(expected))
+    mismatched = [
+        f"  {name}: expected {list(expected[name])}, got {list(converted[name].shape)}"
+        for name in sorted(set(expected) & set(converted))
+        if tuple(converted[name].shape) != expected[name]
+    ]
+    if not (missing or unexpected or mismatched):
+        return
+    lines = [
+        f"checkpoint does not fit MixFormer-{variant.upper()} ({len(missing)} missing keys, "
+        f"{len(unexpected)} unexpected keys, {len(mismatched)} shape mismatches); "
+        f"does the checkpoint match variant {variant!r}?"
+    ]
+    if missing:
+        lines += [f"missing keys ({len(missing)}):"] + [f"  {name}" for name in missing]
+    if unexpected:
+        lines += [f"unexpected keys ({len(unexpected)}):"] + [f"  {name}" for name in unexpected]
+    if mismatched:
+        lines += [f"shape mismatches ({len(mismatched)}):"] + mismatched
+    raise ValueError("\n".join(lines))

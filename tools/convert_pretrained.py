@@ -1,0 +1,64 @@
+#!/usr/bin/env python
+"""Convert an official backbone checkpoint to a Detectron2 checkpoint for hybrid_d2.
+
+    python tools/convert_pretrained.py --family mixformer --variant b4 MixFormer_B4.pdparams b4.pth
+
+The output loads with DetectionCheckpointer (MODEL.WEIGHTS) into an FPN model whose bottom-up
+network is the family's backbone.
+"""
+
+import argparse
+import os
+import pickle
+import sys
+import tempfile
+from typing import Dict, List, Optional
+
+import torch
+
+from hybrid_d2.checkpoint import CONVERTERS, load_checkpoint_file
+
+
+def save_atomically(checkpoint: Dict, path: str) -> None:
+    """torch.save to a temporary file next to ``path``, fsync it, then rename it over ``path``."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp_path = tempfile.mkstemp(
+        dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp"
+    )
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        os.unlink(tmp_path)
+        raise
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", required=True, choices=sorted(CONVERTERS))
+    parser.add_argument("--variant", required=True, help="e.g. b4 for MixFormer-B4")
+    parser.add_argument("--ema", action="store_true", help="convert the 'model_ema' weights")
+    parser.add_argument("input", help="official checkpoint (.pdparams or a PyTorch file)")
+    parser.add_argument("output", help="Detectron2 checkpoint to write (.pth)")
+    args = parser.parse_args(argv)
+
+    try:
+        official = load_checkpoint_file(args.input, use_ema=args.ema)
+        state_dict, dropped = CONVERTERS[args.family](official, args.variant)
+        checkpoint = {"model": state_dict, "__author__": "hybrid_d2", "matching_heuristics": False}
+        save_atomically(checkpoint, args.output)
+    except (OSError, ValueError, KeyError, pickle.UnpicklingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(
+        f"{args.family} {args.variant}: wrote {len(state_dict)} tensors to {args.output} "
+        f"({len(official)} read, {len(dropped)} dropped: not used for detection)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from torch import nn
 
 from hybrid_d2.data import ensure_shapes_dataset
 
@@ -27,3 +28,13 @@ def run_script(script: str, args, datasets_root: Path, timeout: int = 600) -> su
         [sys.executable, str(REPO_ROOT / script), *map(str, args)],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout,
     )
+
+
+def randomize_batchnorms(module: nn.Module) -> None:
+    """Move every BatchNorm's statistics and affine off their init, so that none is a no-op."""
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.normal_(1, 0.2)
+            m.bias.data.normal_(0, 0.2)

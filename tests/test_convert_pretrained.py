@@ -15,6 +15,7 @@ from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
 from torch import nn
 
+from conftest import randomize_batchnorms
 from hybrid_d2.backbones import D2MixFormer, MixFormer, build_hybrid_fpn_backbone
 from hybrid_d2.backbones.mixformer import VARIANTS
 from hybrid_d2.checkpoint import CONVERTERS, convert_mixformer, load_checkpoint_file
@@ -37,12 +38,7 @@ def make_network() -> MixFormer:
     config = dict(VARIANTS[VARIANT])
     config.pop("drop_path_rate")
     network = MixFormer(**config).eval()
-    for module in network.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.normal_(0, 0.5)
-            module.running_var.uniform_(0.5, 2.0)
-            module.weight.data.normal_(1, 0.2)
-            module.bias.data.normal_(0, 0.2)
+    randomize_batchnorms(network)
     return network
 
 

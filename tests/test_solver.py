@@ -57,3 +57,45 @@ def test_unknown_optimizer_is_refused():
     cfg.SOLVER.OPTIMIZER = "Adam"
     with pytest.raises(ValueError, match="SOLVER.OPTIMIZER='Adam'"):
         build_optimizer(cfg, _Net())
+
+
+def _shapes_cfg(*opts):
+    from conftest import SHAPES_CONFIG
+    from hybrid_d2.config import merge_config_file
+
+    cfg = get_cfg()
+    add_hybrid_config(cfg)
+    merge_config_file(cfg, str(SHAPES_CONFIG), list(opts))
+    return cfg
+
+
+def test_layer_decay_on_a_mixformer_mask_rcnn():
+    from detectron2.modeling import build_model
+
+    cfg = _shapes_cfg("SOLVER.LAYER_DECAY.ENABLED", True, "SOLVER.LAYER_DECAY.RATE", 0.5)
+    model = build_model(cfg)
+    optimizer = build_optimizer(cfg, model)
+    lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    base = cfg.SOLVER.BASE_LR
+    num_layers = sum(model.backbone.bottom_up.depths) + 1  # b1: 16
+    stem = model.backbone.bottom_up.net.patch_embed.proj.weight
+    first_block = model.backbone.bottom_up.net.layers[0].blocks[0].attn.qkv.weight
+    head = model.roi_heads.box_predictor.cls_score.weight
+    assert lr_of[id(stem)] == pytest.approx(base * 0.5**num_layers)
+    assert lr_of[id(first_block)] == pytest.approx(base * 0.5 ** (num_layers - 1))
+    assert lr_of[id(head)] == pytest.approx(base)
+
+
+def test_full_model_gradient_clipping_bounds_the_step():
+    cfg = _shapes_cfg(
+        "SOLVER.OPTIMIZER", "SGD", "SOLVER.BASE_LR", 1.0, "SOLVER.MOMENTUM", 0.0,
+        "SOLVER.WEIGHT_DECAY", 0.0, "SOLVER.CLIP_GRADIENTS.CLIP_VALUE", 0.5,
+    )
+    assert cfg.SOLVER.CLIP_GRADIENTS.ENABLED and cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE == "full_model"
+    net = _Net()
+    before = [p.detach().clone() for p in net.parameters()]
+    for p in net.parameters():
+        p.grad = torch.full_like(p, 100.0)
+    build_optimizer(cfg, net).step()
+    step = torch.cat([(p.detach() - b).flatten() for p, b in zip(net.parameters(), before)])
+    assert step.norm().item() == pytest.approx(0.5, rel=1e-4)

@@ -11,6 +11,7 @@ from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
 from timm.layers import DropPath
 from torch import nn
 
+from conftest import randomize_batchnorms
 from hybrid_d2.backbones import D2MixFormer, build_hybrid_fpn_backbone
 from hybrid_d2.backbones.mixformer import VARIANTS, MixingBlock
 from hybrid_d2.config import add_hybrid_config
@@ -295,15 +296,6 @@ def reference_block(block, x, height, width):
     y = reference_map(y, batch, hp, wp, ws)[:, :height, :width].reshape(batch, -1, dim)
     x = shortcut + y
     return x + block.mlp(block.norm2(x))
-
-
-def randomize_batchnorms(module):
-    for m in module.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.normal_(0, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.normal_(1, 0.2)
-            m.bias.data.normal_(0, 0.2)
 
 
 def randomize_norms_and_bias_tables(module):

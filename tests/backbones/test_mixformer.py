@@ -78,18 +78,19 @@ def test_output_shapes_at_224(variant, channels):
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_variant_parameter_counts_and_any_input_size(variant):
-    backbone = D2MixFormer(variant).eval()
+    backbone = D2MixFormer(variant).train()
     assert count(backbone.net) == BACKBONE_PARAMS[variant]
     assert count(backbone) == WITH_OUTPUT_NORMS[variant]
-    # odd sizes give ceil(size / stride), e.g. 97x131 -> 25x33, 13x17, 7x9, 4x5; the big variants
-    # run at a smaller odd size to keep the test fast
+    # batch 1 in train mode (default norms); odd sizes give ceil(size / stride), e.g. 97x131 ->
+    # 25x33, 13x17, 7x9, 4x5; the big variants run at a smaller odd size to keep the test fast
     height, width = (33, 47) if variant in ("b5", "b6") else (97, 131)
-    with torch.no_grad():
-        outputs = backbone(torch.randn(1, 3, height, width))
+    outputs = backbone(torch.randn(1, 3, height, width))
+    sum(o.mean() for o in outputs.values()).backward()
     channels = [VARIANTS[variant]["embed_dim"] * 2**i for i in range(4)]
     for name, stride, c in zip(FEATURES, STRIDES, channels):
         assert outputs[name].shape == (1, c, math.ceil(height / stride), math.ceil(width / stride))
         assert torch.isfinite(outputs[name]).all()
+    assert all(torch.isfinite(p.grad).all() for p in backbone.parameters())
 
 
 def test_interaction_maps_and_window_padding():

@@ -8,32 +8,14 @@ network is the family's backbone.
 """
 
 import argparse
-import os
 import pickle
 import sys
-import tempfile
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import torch
 
 from hybrid_d2.checkpoint import CONVERTERS, load_checkpoint_file
-
-
-def save_atomically(checkpoint: Dict, path: str) -> None:
-    """torch.save to a temporary file next to ``path``, fsync it, then rename it over ``path``."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp_path = tempfile.mkstemp(
-        dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp"
-    )
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        os.unlink(tmp_path)
-        raise
+from hybrid_d2.utils import atomic_output
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -49,7 +31,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         official = load_checkpoint_file(args.input, use_ema=args.ema)
         state_dict, dropped = CONVERTERS[args.family](official, args.variant)
         checkpoint = {"model": state_dict, "__author__": "hybrid_d2", "matching_heuristics": False}
-        save_atomically(checkpoint, args.output)
+        with atomic_output(args.output) as tmp_path:
+            torch.save(checkpoint, tmp_path)
     except (OSError, ValueError, KeyError, pickle.UnpicklingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

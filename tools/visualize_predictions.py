@@ -6,7 +6,6 @@
 import argparse
 import os
 import sys
-import tempfile
 
 import cv2
 from detectron2.config import get_cfg
@@ -17,6 +16,7 @@ from detectron2.utils.visualizer import Visualizer
 
 from hybrid_d2 import add_hybrid_config
 from hybrid_d2.config import merge_config_file
+from hybrid_d2.utils import atomic_output
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -28,19 +28,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--confidence-threshold", type=float, default=0.5)
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
     return parser.parse_args(argv)
-
-
-def write_png_atomically(path: str, image_bgr) -> None:
-    """Write to a temporary file in the same folder, then rename: no half-written output."""
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=os.path.dirname(path))
-    os.close(fd)
-    try:
-        if not cv2.imwrite(tmp, image_bgr):
-            raise OSError(f"could not write {path}")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def main(argv=None) -> int:
@@ -61,7 +48,9 @@ def main(argv=None) -> int:
         drawn = Visualizer(image_bgr[:, :, ::-1], metadata, scale=2.0).draw_instance_predictions(instances)
         name = os.path.splitext(os.path.basename(record["file_name"]))[0] + ".png"
         path = os.path.join(args.output, name)
-        write_png_atomically(path, drawn.get_image()[:, :, ::-1])
+        with atomic_output(path) as tmp_path:
+            if not cv2.imwrite(tmp_path, drawn.get_image()[:, :, ::-1]):
+                raise OSError(f"could not write {path}")
         print(f"{path}: {len(instances)} detections")
     return 0
 

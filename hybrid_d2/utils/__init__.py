@@ -1,0 +1,3 @@
+from .io import atomic_output
+
+__all__ = ["atomic_output"]

@@ -253,8 +253,9 @@ def test_cli_failures_leave_no_output(pdparams, tmp_path, monkeypatch, capsys):
     assert "does the checkpoint match variant 'b3'?" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
-    def fail_mid_write(obj, f):
-        f.write(b"half a checkpoint")
+    def fail_mid_write(obj, path):
+        with open(path, "wb") as f:
+            f.write(b"half a checkpoint")
         raise OSError("disk full")
 
     output.write_bytes(b"previous")

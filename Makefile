@@ -21,10 +21,11 @@ $(STAMP): requirements.txt setup.py tools/install_detectron2.sh
 	touch $(STAMP)
 
 # Train a MixFormer-B1 Mask R-CNN on the shapes data on CPU, evaluate it with COCOEvaluator (the
-# AP table is printed at the end) and draw its predictions on a few val images.
+# AP table is printed at the end) and draw its predictions on a few val images. After 300
+# iterations from scratch the detector's scores peak around 0.3-0.4, hence the drawing threshold.
 quickstart: install
 	$(PY) train_net.py --config-file $(QUICK_CONFIG) OUTPUT_DIR $(QUICK_OUTPUT)
-	$(PY) tools/visualize_predictions.py --config-file $(QUICK_CONFIG) \
+	$(PY) tools/visualize_predictions.py --config-file $(QUICK_CONFIG) --confidence-threshold 0.3 \
 		--output $(QUICK_OUTPUT)/predictions MODEL.WEIGHTS $(QUICK_OUTPUT)/model_final.pth
 
 test: install

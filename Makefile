@@ -25,8 +25,9 @@ $(STAMP): requirements.txt setup.py tools/install_detectron2.sh
 # iterations from scratch the detector's scores peak around 0.3-0.4, hence the drawing threshold.
 quickstart: install
 	$(PY) train_net.py --config-file $(QUICK_CONFIG) OUTPUT_DIR $(QUICK_OUTPUT)
-	$(PY) tools/visualize_predictions.py --config-file $(QUICK_CONFIG) --confidence-threshold 0.3 \
-		--output $(QUICK_OUTPUT)/predictions MODEL.WEIGHTS $(QUICK_OUTPUT)/model_final.pth
+	$(PY) demo/demo.py --config-file $(QUICK_CONFIG) --confidence-threshold 0.3 \
+		--input "$${DETECTRON2_DATASETS:-datasets}/shapes/val/00000[1-4].png" \
+		--output $(QUICK_OUTPUT)/predictions --opts MODEL.WEIGHTS $(QUICK_OUTPUT)/model_final.pth
 
 test: install
 	$(PY) -m pytest -x -q tests

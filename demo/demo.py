@@ -10,6 +10,7 @@ Without --output, predictions are shown in a window (Esc quits). Exit status: 0 
 was processed, 1 when some input failed (the others are still processed), 2 on a usage or setup
 error.
 """
+
 import argparse
 import glob
 import os
@@ -44,12 +45,15 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     source.add_argument("--webcam", action="store_true", help="the first webcam, shown live")
     parser.add_argument(
         "--output",
-        help="folder for the drawn images, or an image file for a single input; for a video, the "
-        "output video (codec mp4v; .mp4 in a folder) — without it, show a window",
+        help="images: a folder, or an image file for a single input\n"
+        "video: the output video (codec mp4v; <video name>.mp4 if a folder)\n"
+        "without it: show a window",
     )
-    parser.add_argument("--confidence-threshold", type=float, default=0.5)
+    parser.add_argument("--confidence-threshold", type=float, default=0.5, help="minimum score drawn")
     parser.add_argument("--max-frames", type=int, help="stop a video after this many frames")
-    parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config overrides: KEY VALUE ...")
+    parser.add_argument(
+        "--opts", nargs=argparse.REMAINDER, default=[], help="config overrides: KEY VALUE ..."
+    )
     args = parser.parse_args(argv)
     if args.max_frames is not None and (args.video_input is None or args.max_frames < 1):
         parser.error("--max-frames takes a positive number and goes with --video-input")
@@ -87,7 +91,8 @@ def expand_inputs(items: List[str]) -> Tuple[List[str], List[str]]:
     for item in map(os.path.expanduser, items):
         if os.path.isdir(item):
             found = sorted(
-                os.path.join(item, name) for name in os.listdir(item)
+                os.path.join(item, name)
+                for name in os.listdir(item)
                 if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
             )
             if not found:
@@ -144,7 +149,8 @@ def process_image(predictor: VisualizationPredictor, path: str, output: Optional
     if output is not None and os.path.abspath(output) == os.path.abspath(path):
         raise InputError(f"{path}: the output would overwrite the input; choose another --output")
     instances, drawing, seconds = predictor(read_image(path), path)
-    print(f"{path}: {len(instances)} detections in {seconds:.2f}s" + (f" -> {output}" if output else ""))
+    detections = f"{len(instances)} detection{'' if len(instances) == 1 else 's'}"
+    print(f"{path}: {detections} in {seconds:.2f}s" + (f" -> {output}" if output else ""))
     if output is None:
         return show(drawing, 0)
     write_image(output, drawing)
@@ -183,7 +189,9 @@ def video_output_path(video: str, output: str) -> str:
     """``output`` when it names a file (its extension picks the container), else
     ``output/<video name>.mp4``."""
     if os.path.isdir(output) or not os.path.splitext(output)[1]:
-        return os.path.join(output, os.path.splitext(os.path.basename(video))[0] + ".mp4")
+        output = os.path.join(output, os.path.splitext(os.path.basename(video))[0] + ".mp4")
+    if os.path.abspath(output) == os.path.abspath(video):
+        raise InputError(f"{video}: the output would overwrite the input; choose another --output")
     return output
 
 
@@ -239,7 +247,10 @@ def open_writer(path: str, output: str, fps: float, frame: np.ndarray) -> cv2.Vi
 
 
 def write_video(
-    predictor: VisualizationPredictor, capture: cv2.VideoCapture, name: str, output: str,
+    predictor: VisualizationPredictor,
+    capture: cv2.VideoCapture,
+    name: str,
+    output: str,
     max_frames: Optional[int],
 ) -> int:
     """Write the drawn frames with the input's fps and size; returns the frame count. The file
@@ -253,7 +264,8 @@ def write_video(
     with atomic_output(output) as tmp_path:
         try:
             for count, drawing in enumerate(predict_frames(predictor, capture, max_frames, name), 1):
-                writer = writer or open_writer(tmp_path, output, fps, drawing)
+                if writer is None:  # opened on the first frame, with its size
+                    writer = open_writer(tmp_path, output, fps, drawing)
                 writer.write(drawing)
         finally:
             if writer is not None:
@@ -278,9 +290,9 @@ def run_video(
     """Process a video file into ``output`` (or a window). Returns the exit status."""
     start = time.perf_counter()
     try:
+        out = video_output_path(path, output) if output else None
         capture = open_video(path)
         try:
-            out = video_output_path(path, output) if output else None
             if out:
                 count = write_video(predictor, capture, path, out, max_frames)
             else:
@@ -291,7 +303,10 @@ def run_video(
         report_failure(path, e)
         return 1
     seconds = time.perf_counter() - start
-    print(f"{path}: {count} frames in {seconds:.1f}s ({count / seconds:.2f} frames/s)" + (f" -> {out}" if out else ""))
+    print(
+        f"{path}: {count} frames in {seconds:.1f}s ({count / seconds:.2f} frames/s)"
+        + (f" -> {out}" if out else "")
+    )
     return 0
 
 
@@ -319,7 +334,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.output is None:
         problem = display_problem()
         if problem:
-            print(f"error: cannot show a window: {problem}; use --output to write files instead", file=sys.stderr)
+            print(
+                f"error: cannot show a window: {problem}; use --output to write files instead",
+                file=sys.stderr,
+            )
             return 2
     try:
         cfg = setup_cfg(args)

@@ -1,4 +1,5 @@
 """Reading inputs for the demo and drawing a model's predictions on them (used by demo/demo.py)."""
+
 import os
 import re
 import sys

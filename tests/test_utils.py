@@ -1,4 +1,6 @@
 """atomic_output: a failed write leaves neither a partial file nor a temporary one."""
+import os
+
 import pytest
 
 from hybrid_d2.utils import atomic_output
@@ -12,6 +14,9 @@ def test_atomic_output_renames_on_success(tmp_path):
         assert not target.exists()
     assert target.read_bytes() == b"data"
     assert [p.name for p in tmp_path.iterdir()] == ["out.png"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_atomic_output_keeps_the_old_file_on_failure(tmp_path):

@@ -13,6 +13,7 @@ def atomic_output(path: str) -> Iterator[str]:
     directory, name = os.path.split(os.path.abspath(path))
     fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=os.path.splitext(name)[1])
     os.close(fd)
+    os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes it owner-only; give it a normal file's mode
     try:
         yield tmp_path
         with open(tmp_path, "rb") as f:
@@ -22,3 +23,9 @@ def atomic_output(path: str) -> Iterator[str]:
         if os.path.exists(tmp_path):
             os.unlink(tmp_path)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

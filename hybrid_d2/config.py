@@ -11,6 +11,7 @@ def add_hybrid_config(cfg: CN) -> None:
     """Add the keys of every hybrid_d2 backbone family, the generic FPN wiring and the solver."""
     _add_fpn_config(cfg)
     _add_mixformer_config(cfg)
+    _add_dilateformer_config(cfg)
     _add_solver_config(cfg)
 
 
@@ -38,6 +39,27 @@ def _add_mixformer_config(cfg: CN) -> None:
     cfg.MODEL.MIXFORMER.OUTPUT_NORM = True
     # Recompute each block in the backward pass to save activation memory.
     cfg.MODEL.MIXFORMER.USE_CHECKPOINT = False
+
+
+def _add_dilateformer_config(cfg: CN) -> None:
+    cfg.MODEL.DILATEFORMER = CN()
+    cfg.MODEL.DILATEFORMER.VARIANT = "small"  # tiny, small, base (design note §3)
+    cfg.MODEL.DILATEFORMER.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    # Detection default for tiny/small; base uses 0.3 (design note §6 #5; ImageNet used 0.1).
+    cfg.MODEL.DILATEFORMER.DROP_PATH_RATE = 0.2
+    # Norm of the stem's and downsamplers' BatchNorms: "FrozenBN" (ImageNet statistics, design
+    # note §6 #4), "BN" or "SyncBN".
+    cfg.MODEL.DILATEFORMER.NORM = "FrozenBN"
+    # Stage-3 attention (design note §6 #2): "global" (the classification model), "window"
+    # (non-overlapping windows) or "mixed" (window / shifted window / global blocks, the paper's
+    # detection setting; pattern per variant in hybrid_d2.backbones.dilateformer.VARIANTS).
+    cfg.MODEL.DILATEFORMER.STAGE3_ATTENTION = "mixed"
+    # Window side of the stage-3 window and shifted-window blocks: 7 (Swin) or 14.
+    cfg.MODEL.DILATEFORMER.WINDOW_SIZE = 7
+    # A fresh LayerNorm on each output (design note §6 #3).
+    cfg.MODEL.DILATEFORMER.OUTPUT_NORM = True
+    # Recompute each block in the backward pass to save activation memory.
+    cfg.MODEL.DILATEFORMER.USE_CHECKPOINT = False
 
 
 def _add_solver_config(cfg: CN) -> None:

@@ -2,6 +2,7 @@
 """Convert an official backbone checkpoint to a Detectron2 checkpoint for hybrid_d2.
 
     python tools/convert_pretrained.py --family mixformer --variant b4 MixFormer_B4.pdparams b4.pth
+    python tools/convert_pretrained.py --family dilateformer --variant small --ema checkpoint.pth s.pth
 
 The output loads with DetectionCheckpointer (MODEL.WEIGHTS) into an FPN model whose bottom-up
 network is the family's backbone.
@@ -21,7 +22,9 @@ from hybrid_d2.utils import atomic_output
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", required=True, choices=sorted(CONVERTERS))
-    parser.add_argument("--variant", required=True, help="e.g. b4 for MixFormer-B4")
+    parser.add_argument(
+        "--variant", required=True, help="e.g. b4 (mixformer B4) or small (dilateformer S)"
+    )
     parser.add_argument("--ema", action="store_true", help="convert the 'model_ema' weights")
     parser.add_argument("input", help="official checkpoint (.pdparams or a PyTorch file)")
     parser.add_argument("output", help="Detectron2 checkpoint to write (.pth)")

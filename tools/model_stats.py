@@ -5,7 +5,7 @@
     python tools/model_stats.py --flops --height 800 --width 1280 configs/mixformer_b1_mask_rcnn_1x.yaml
 
 Counts come from fvcore. FLOPs are fvcore's (one multiply-add = one FLOP, as in the papers' tables),
-of the backbone alone (``backbone.bottom_up``) on one image of the given size.
+with hybrid_d2's handles for the attention ops fvcore does not know, of the backbone alone (``backbone.bottom_up``) on one image of the given size.
 """
 import argparse
 import os
@@ -15,10 +15,11 @@ from typing import Dict, List
 import torch
 from detectron2.config import CfgNode, get_cfg
 from detectron2.modeling import build_model
-from fvcore.nn import FlopCountAnalysis, parameter_count
+from fvcore.nn import parameter_count
 
 from hybrid_d2 import add_hybrid_config
 from hybrid_d2.config import merge_config_file
+from hybrid_d2.layers import flop_count_analysis
 
 
 def load_config(path: str, opts: List[str] = ()) -> CfgNode:
@@ -40,7 +41,7 @@ def model_stats(cfg: CfgNode, flops_size=None) -> Dict[str, float]:
     if flops_size:
         image = torch.zeros(1, 3, *flops_size)
         with torch.no_grad():
-            analysis = FlopCountAnalysis(bottom_up, image).unsupported_ops_warnings(False)
+            analysis = flop_count_analysis(bottom_up, image).unsupported_ops_warnings(False)
             stats["backbone_gflops"] = analysis.total() / 1e9
     return stats
 

@@ -1,10 +1,16 @@
 """Backbone families; importing this package registers their builders in BACKBONE_REGISTRY."""
 
+from .dilateformer import VARIANTS as DILATEFORMER_VARIANTS
+from .dilateformer import D2DilateFormer, DilateFormer, build_dilateformer_backbone
 from .fpn import build_hybrid_fpn_backbone, build_hybrid_retinanet_backbone
 from .mixformer import VARIANTS as MIXFORMER_VARIANTS
 from .mixformer import D2MixFormer, MixFormer, build_mixformer_backbone
 
 __all__ = [
+    "D2DilateFormer",
+    "DILATEFORMER_VARIANTS",
+    "DilateFormer",
+    "build_dilateformer_backbone",
     "D2MixFormer",
     "MIXFORMER_VARIANTS",
     "MixFormer",

@@ -25,18 +25,19 @@ with padded tokens left unmasked in attention and included in the channel intera
 pool (§6 #6).
 """
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
-from detectron2.layers.batch_norm import LayerNorm
-from detectron2.modeling import BACKBONE_REGISTRY, Backbone
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import BACKBONE_REGISTRY
 from timm.layers import DropPath, Mlp, trunc_normal_
 from torch import nn
 
 from ..layers import (
+    FEATURE_NAMES,
+    PyramidBackbone,
     get_norm,
     pad_to_multiple,
     relative_position_index,
@@ -57,9 +58,6 @@ VARIANTS = {
     "b5": dict(embed_dim=96, depths=(1, 2, 8, 6), num_heads=(6, 12, 24, 48), drop_path_rate=0.3),
     "b6": dict(embed_dim=96, depths=(2, 4, 16, 12), num_heads=(6, 12, 24, 48), drop_path_rate=0.5),
 }
-
-_FEATURE_NAMES = ("res2", "res3", "res4", "res5")
-
 
 def variant_config(variant: str) -> dict:
     """The architecture arguments of a MixFormer variant ("b0" ... "b6")."""
@@ -342,13 +340,13 @@ class MixFormer(nn.Module):
         return outputs
 
 
-class D2MixFormer(Backbone):
+class D2MixFormer(PyramidBackbone):
     """Detectron2 backbone around ``MixFormer``: named outputs ``res2`` ... ``res5``."""
 
     def __init__(
         self,
         variant: str,
-        out_features: Sequence[str] = _FEATURE_NAMES,
+        out_features: Sequence[str] = FEATURE_NAMES,
         drop_path_rate: Optional[float] = None,
         norm: str = "BN",
         pooled_norm: str = "FrozenStatsBN",
@@ -365,19 +363,14 @@ class D2MixFormer(Backbone):
                 "FrozenBN", ...).
             pooled_norm: norm of the channel interaction's BatchNorm on the 1x1 pooled map.
             output_norm: apply a fresh LayerNorm to each output (design note §6 #2).
-            freeze_at: 0 freezes nothing, 1 the stem, k >= 2 the stem and stages res2 ... res_k.
+            freeze_at: 0 freezes nothing, 1 the stem, k >= 2 the stem and stages res2 ... res_k
+                (each with the ConvMerging that feeds it).
             use_checkpoint: recompute each block in the backward pass to save memory.
         """
         super().__init__()
         config = variant_config(variant)
         if drop_path_rate is None:
             drop_path_rate = config["drop_path_rate"]
-        unknown = [name for name in out_features if name not in _FEATURE_NAMES]
-        if unknown or not out_features:
-            raise ValueError(
-                f"out_features {list(out_features)}: expected names from {_FEATURE_NAMES}"
-            )
-
         self.depths = tuple(config["depths"])
         self.net = MixFormer(
             config["embed_dim"],
@@ -388,52 +381,10 @@ class D2MixFormer(Backbone):
             pooled_norm=pooled_norm,
             use_checkpoint=use_checkpoint,
         )
-        self._out_features = list(out_features)
-        self._out_feature_strides = {name: 2 ** (i + 2) for i, name in enumerate(_FEATURE_NAMES)}
-        self._out_feature_channels = dict(zip(_FEATURE_NAMES, self.net.channels))
-        self.output_norms = None
-        if output_norm:
-            self.output_norms = nn.ModuleDict(
-                {
-                    name: LayerNorm(self._out_feature_channels[name], eps=1e-5)
-                    for name in out_features
-                }
-            )
-        self.freeze(freeze_at)
+        self._init_outputs(out_features, output_norm, freeze_at)
 
-    @property
-    def size_divisibility(self) -> int:
-        return 32
-
-    @property
-    def padding_constraints(self) -> Dict[str, int]:
-        return {"size_divisibility": 32}
-
-    def freeze(self, freeze_at: int) -> None:
-        """Freeze the stem (freeze_at >= 1) and stages res2 ... res_k (freeze_at = k >= 2).
-
-        Stage res_k comprises its blocks and the ConvMerging that feeds it. Frozen parameters stop
-        requiring gradients and frozen BatchNorms become FrozenBatchNorm2d.
-        """
-        if not 0 <= freeze_at <= len(_FEATURE_NAMES) + 1:
-            raise ValueError(f"freeze_at={freeze_at}: expected 0 ... {len(_FEATURE_NAMES) + 1}")
-        frozen = [self.net.patch_embed] if freeze_at >= 1 else []
-        for i in range(freeze_at - 1):
-            frozen.append(self.net.layers[i].blocks)
-            if i > 0:
-                frozen.append(self.net.layers[i - 1].downsample)
-        for module in frozen:
-            for param in module.parameters():
-                param.requires_grad = False
-            FrozenBatchNorm2d.convert_frozen_batchnorm(module)
-
-    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """(N, 3, H, W) -> {name: (N, C_i, ceil(H / stride_i), ceil(W / stride_i))}."""
-        outputs = {}
-        for name, feature in zip(_FEATURE_NAMES, self.net(x)):
-            if name in self._out_features:
-                outputs[name] = self.output_norms[name](feature) if self.output_norms else feature
-        return outputs
+    def stem_and_stages(self) -> Tuple[nn.Module, Sequence[nn.Module]]:
+        return self.net.patch_embed, self.net.layers
 
 
 @BACKBONE_REGISTRY.register()

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ..backbones.mixformer import MixFormer, variant_config
+from .validation import check_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -71,31 +72,8 @@ def convert_mixformer(
         if name.endswith("num_batches_tracked") and name not in converted:
             converted[name] = torch.tensor(0, dtype=torch.long)
 
-    _check(converted, expected, variant)
+    check_state_dict(converted, expected, f"MixFormer-{variant.upper()}", variant)
     if dropped:
         logger.info("dropped %d keys not used for detection: %s", len(dropped), dropped)
     return {PREFIX + name: tensor for name, tensor in converted.items()}, dropped
 
-
-def _check(converted: Dict[str, torch.Tensor], expected: Dict[str, tuple], variant: str) -> None:
-    missing = sorted(set(expected) - set(converted))
-    unexpected = sorted(set(converted) - set(expected))
-    mismatched = [
-        f"  {name}: expected {list(expected[name])}, got {list(converted[name].shape)}"
-        for name in sorted(set(expected) & set(converted))
-        if tuple(converted[name].shape) != expected[name]
-    ]
-    if not (missing or unexpected or mismatched):
-        return
-    lines = [
-        f"checkpoint does not fit MixFormer-{variant.upper()} ({len(missing)} missing keys, "
-        f"{len(unexpected)} unexpected keys, {len(mismatched)} shape mismatches); "
-        f"does the checkpoint match variant {variant!r}?"
-    ]
-    if missing:
-        lines += [f"missing keys ({len(missing)}):"] + [f"  {name}" for name in missing]
-    if unexpected:
-        lines += [f"unexpected keys ({len(unexpected)}):"] + [f"  {name}" for name in unexpected]
-    if mismatched:
-        lines += [f"shape mismatches ({len(mismatched)}):"] + mismatched
-    raise ValueError("\n".join(lines))

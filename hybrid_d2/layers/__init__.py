@@ -1,13 +1,23 @@
 """Building blocks shared by the hybrid_d2 backbone families."""
 
+from .backbone import FEATURE_NAMES, PyramidBackbone
+from .dilated_attention import dilated_attention
+from .flops import FLOP_HANDLES, flop_count_analysis
 from .norm import FrozenStatsBatchNorm2d, get_norm
+from .window_masks import window_attention_mask
 from .windows import pad_to_multiple, relative_position_index, window_partition, window_reverse
 
 __all__ = [
+    "FEATURE_NAMES",
+    "FLOP_HANDLES",
     "FrozenStatsBatchNorm2d",
+    "PyramidBackbone",
+    "dilated_attention",
+    "flop_count_analysis",
     "get_norm",
     "pad_to_multiple",
     "relative_position_index",
+    "window_attention_mask",
     "window_partition",
     "window_reverse",
 ]

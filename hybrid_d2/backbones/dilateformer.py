@@ -1,0 +1,452 @@
+"""DilateFormer backbone (Jiao et al., "DilateFormer: Multi-Scale Dilated Transformer for Visual
+Recognition", IEEE TMM 2023), ported from the official classification model for Detectron2.
+
+Design note: shared/design/dilateformer.md. Module names mirror the official state-dict keys
+(§7.2), so converting official weights is a prefix only (hybrid_d2.checkpoint.dilateformer).
+
+Stages 1-2 use Multi-Scale Dilated Attention (MSDA, 3x3 windows with dilations 1/2/3 per head
+group), stages 3-4 plain multi-head self-attention; every block starts with a depth-wise 3x3
+conditional position embedding (CPE). Departures from the official code, all for detection:
+
+* No classification tail (``norm``, ``head``) and no 224x224 assert; the four stage outputs are read
+  before each stage's downsampler, optionally through a fresh LayerNorm each (design note §6 #3).
+* Stage 3 attention is configurable (``stage3_attention``, design note §6 #2): "global" as in the
+  classification model; "window": non-overlapping windows; "mixed": the paper's detection setting
+  (§IV-B: "a combination of local window attention, local window attention with shifted operation
+  and global attention in stage3"), whose exact mix the paper does not give. We use the design
+  note's pattern, two equal halves that alternate window / shifted window and end with a global
+  block: T W,SW,G,W,SW,G; S W,SW,W,G,W,SW,W,G; B W,SW,W,SW,G,W,SW,W,SW,G (T follows the same rule;
+  the note lists only S and B). Window blocks reuse the global blocks' ``qkv``/``proj``; no
+  relative position bias (none in the checkpoint; the CPE gives position).
+* Window and shifted-window blocks zero-pad the map to multiples of the window and mask the padded
+  keys (Swin does not mask them; masking makes a window that covers the whole map exactly global
+  attention). Shifted windows use Swin's region mask, shift = window_size // 2, and no shift when
+  the map fits in one window.
+* MSDA runs without ``nn.Unfold`` (hybrid_d2.layers.dilated_attention), with the same
+  zero-padding semantics as the official code: out-of-map keys take part in the softmax with logit
+  0 and value 0 (design note §6 #8).
+* Stem and downsampler BatchNorms are built from ``norm``, "FrozenBN" by default (§6 #4).
+
+Internally the blocks keep a channels-last (B, H, W, C) residual stream; MSDA's qkv projection
+writes channels-first maps directly (one GEMM) because its shifted slices are fastest there.
+"""
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import BACKBONE_REGISTRY
+from timm.layers import DropPath, Mlp, trunc_normal_
+from torch import nn
+
+from ..layers import (
+    FEATURE_NAMES,
+    PyramidBackbone,
+    dilated_attention,
+    get_norm,
+    pad_to_multiple,
+    window_attention_mask,
+    window_partition,
+    window_reverse,
+)
+
+__all__ = [
+    "STAGE3_MODES",
+    "VARIANTS",
+    "D2DilateFormer",
+    "DilateFormer",
+    "build_dilateformer_backbone",
+    "stage3_pattern",
+    "variant_config",
+]
+
+_W, _SW, _G = "window", "shifted", "global"
+
+# Design note §3.1 (paper Table II, official code). drop_path_rate is the detection default
+# (§6 #5; ImageNet used 0.1); stage3_mixed is the "mixed" stage-3 pattern (§6 #2).
+VARIANTS = {
+    "tiny": dict(
+        embed_dim=72,
+        depths=(2, 2, 6, 2),
+        num_heads=(3, 6, 12, 24),
+        drop_path_rate=0.2,
+        stage3_mixed=(_W, _SW, _G) * 2,
+    ),
+    "small": dict(
+        embed_dim=72,
+        depths=(3, 5, 8, 3),
+        num_heads=(3, 6, 12, 24),
+        drop_path_rate=0.2,
+        stage3_mixed=(_W, _SW, _W, _G) * 2,
+    ),
+    "base": dict(
+        embed_dim=96,
+        depths=(4, 8, 10, 3),
+        num_heads=(3, 6, 12, 24),
+        drop_path_rate=0.3,
+        stage3_mixed=(_W, _SW, _W, _SW, _G) * 2,
+    ),
+}
+
+STAGE3_MODES = ("global", "window", "mixed")
+DILATIONS = (1, 2, 3)  # Fig. 4: "3 x 3 kernel size with dilation rates r = 1, 2 and 3"
+KERNEL_SIZE = 3
+MSDA_STAGES = 2  # §III-C: "the first two stages ... use MSDA"
+LN_EPS = 1e-6  # official code; the paper says "Norm"
+
+
+def variant_config(variant: str) -> dict:
+    """The architecture arguments of a DilateFormer variant ("tiny", "small", "base")."""
+    if variant not in VARIANTS:
+        raise ValueError(
+            f"unknown DilateFormer variant {variant!r}; expected one of {sorted(VARIANTS)}"
+        )
+    return dict(VARIANTS[variant])
+
+
+def stage3_pattern(variant: str, mode: str) -> Tuple[str, ...]:
+    """Per-block stage-3 attention ("window", "shifted" or "global") for a STAGE3_MODES mode."""
+    config = variant_config(variant)
+    depth = config["depths"][2]
+    if mode == "global":
+        return (_G,) * depth
+    if mode == "window":
+        return (_W,) * depth
+    if mode == "mixed":
+        return config["stage3_mixed"]
+    raise ValueError(f"unknown stage-3 attention mode {mode!r}; expected one of {STAGE3_MODES}")
+
+
+def _channels_first(x: torch.Tensor) -> torch.Tensor:
+    return x.permute(0, 3, 1, 2)
+
+
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    return x.permute(0, 2, 3, 1)
+
+
+class PatchEmbed(nn.Module):
+    """Overlapping tokenizer (§III-C; design note §2.2): 3x3 convs with strides 1, 2, 1, 2."""
+
+    def __init__(self, embed_dim: int, norm: str, hidden_dim: int = 16):
+        super().__init__()
+        layers: List[nn.Module] = []
+        in_channels = 3
+        for i, stride in enumerate((1, 2, 1)):
+            out_channels = hidden_dim * 2**i
+            layers += [
+                nn.Conv2d(in_channels, out_channels, 3, stride, padding=1, bias=False),
+                get_norm(norm, out_channels),
+                nn.GELU(),
+            ]
+            in_channels = out_channels
+        layers.append(nn.Conv2d(in_channels, embed_dim, 3, 2, padding=1, bias=False))
+        self.proj = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, H', W', C) channels-last, H' = ceil(ceil(H / 2) / 2)."""
+        return _channels_last(self.proj(x)).contiguous()
+
+
+class Downsample(nn.Module):
+    """Overlapping downsampler (§III-C): 3x3 stride-2 conv C -> 2C, then BatchNorm."""
+
+    def __init__(self, dim: int, norm: str):
+        super().__init__()
+        self.proj = nn.Sequential(nn.Conv2d(dim, 2 * dim, 3, 2, padding=1), get_norm(norm, 2 * dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C) -> (B, ceil(H / 2), ceil(W / 2), 2C)."""
+        return _channels_last(self.proj(_channels_first(x))).contiguous()
+
+
+class MultiDilateAttention(nn.Module):
+    """MSDA, Eq. (4)-(5): SWDA per head group with its own dilation, then a Linear."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        # the official 1x1 conv (3C, C, 1, 1), q|k|v (design note §6 #10), applied as one GEMM
+        self.qkv = nn.Conv2d(dim, 3 * dim, 1)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, height, width, dim = x.shape
+        tokens = x.reshape(batch, height * width, dim)
+        # W @ x^T writes the (B, 3C, H*W) channels-first map without a transpose copy
+        qkv = torch.baddbmm(
+            self.qkv.bias[:, None],
+            self.qkv.weight.flatten(1).expand(batch, -1, -1),
+            tokens.transpose(1, 2),
+        )
+        q, k, v = qkv.view(batch, 3 * dim, height, width).chunk(3, dim=1)
+        out, _ = dilated_attention(q, k, v, self.num_heads, DILATIONS, KERNEL_SIZE)
+        out = torch.baddbmm(  # Eq. (5) Linear, back to channels-last
+            self.proj.bias,
+            out.view(batch, dim, height * width).transpose(1, 2),
+            self.proj.weight.t().expand(batch, -1, -1),
+        )
+        return out.view(batch, height, width, dim)
+
+
+class Attention(nn.Module):
+    """MHSA of stages 3-4 (global), or inside (shifted) windows: same parameters either way."""
+
+    def __init__(self, dim: int, num_heads: int, kind: str, window_size: int):
+        super().__init__()
+        if kind not in (_G, _W, _SW):
+            raise ValueError(f"unknown attention kind {kind!r}; expected {_G!r}, {_W!r} or {_SW!r}")
+        self.num_heads = num_heads
+        self.kind = kind
+        self.window_size = window_size
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def _heads(self, tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(N, L, 3C) -> q, k, v of shape (N, heads, L, head_dim)."""
+        n, length, _ = tokens.shape
+        return tokens.view(n, length, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, height, width, dim = x.shape
+        qkv = self.qkv(x)
+        if self.kind == _G:
+            q, k, v = self._heads(qkv.view(batch, height * width, -1))
+            out = F.scaled_dot_product_attention(q, k, v)  # scale head_dim**-0.5
+            out = out.transpose(1, 2).reshape(batch, height, width, dim)
+            return self.proj(out)
+
+        ws = self.window_size
+        fits = height <= ws and width <= ws
+        shift = ws // 2 if self.kind == _SW and not fits else 0
+        qkv = pad_to_multiple(qkv, ws)
+        if shift:
+            qkv = torch.roll(qkv, (-shift, -shift), dims=(1, 2))
+        windows, padded_size = window_partition(qkv, ws)
+        q, k, v = self._heads(windows)
+        mask = window_attention_mask((height, width), ws, shift, x.device, q.dtype)
+        if mask is not None:  # (nW, L, L) -> (B * nW, 1, L, L), windows batch-major
+            mask = mask.repeat(batch, 1, 1).unsqueeze(1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = out.transpose(1, 2).reshape(windows.shape[0], ws * ws, dim)
+        out = window_reverse(out, ws, padded_size, padded_size)
+        if shift:
+            out = torch.roll(out, (shift, shift), dims=(1, 2))
+        return self.proj(out[:, :height, :width])
+
+
+class DilateBlock(nn.Module):
+    """Eq. (6)-(8): CPE, then pre-LN attention (MSDA or MHSA) and MLP, on (B, H, W, C) maps."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        attention: str,
+        window_size: int,
+        mlp_ratio: float,
+        drop_path: float,
+    ):
+        super().__init__()
+        self.pos_embed = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)  # CPE = DwConv, Eq. (6)
+        self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
+        if attention == "dilated":
+            self.attn = MultiDilateAttention(dim, num_heads)
+        else:
+            self.attn = Attention(dim, num_heads, attention, window_size)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.mlp = Mlp(dim, hidden_features=int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + _channels_last(self.pos_embed(_channels_first(x)))  # Eq. (6), no drop path
+        x = x + self.drop_path(self.attn(self.norm1(x)))  # Eq. (7)
+        return x + self.drop_path(self.mlp(self.norm2(x)))  # Eq. (8)
+
+
+class Stage(nn.Module):
+    """Blocks at one resolution, then (except in the last stage) the downsampler."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        attention: Sequence[str],
+        window_size: int,
+        mlp_ratio: float,
+        drop_paths: Sequence[float],
+        norm: str,
+        downsample: bool,
+        use_checkpoint: bool,
+    ):
+        super().__init__()
+        self.use_checkpoint = use_checkpoint
+        self.blocks = nn.ModuleList(
+            DilateBlock(dim, num_heads, kind, window_size, mlp_ratio, rate)
+            for kind, rate in zip(attention, drop_paths)
+        )
+        self.downsample = Downsample(dim, norm) if downsample else None
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Returns the stage output and its downsampled version (None in the last stage)."""
+        for block in self.blocks:
+            if self.use_checkpoint and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return x, self.downsample(x) if self.downsample is not None else None
+
+
+class DilateFormer(nn.Module):
+    """DilateFormer feature extractor: overlapping tokenizer and four stages, no classifier.
+
+    ``forward`` returns the four stage outputs (NCHW, strides 4/8/16/32, channels C * (1, 2, 4, 8)),
+    each taken after the stage's last block and before its downsampler.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        depths: Sequence[int],
+        num_heads: Sequence[int],
+        stage3_attention: Optional[Sequence[str]] = None,
+        window_size: int = 7,
+        mlp_ratio: float = 4.0,
+        drop_path_rate: float = 0.0,
+        norm: str = "FrozenBN",
+        use_checkpoint: bool = False,
+    ):
+        """
+        Args:
+            stage3_attention: per-block "global" / "window" / "shifted" for stage 3; None means
+                all global (the classification model).
+            window_size: window side of the "window" and "shifted" blocks.
+            norm: norm of the stem's and downsamplers' BatchNorms.
+        """
+        super().__init__()
+        if len(depths) != 4 or len(num_heads) != 4:
+            raise ValueError(f"depths {depths} and num_heads {num_heads}: expected 4 stages")
+        if stage3_attention is None:
+            stage3_attention = (_G,) * depths[2]
+        if len(stage3_attention) != depths[2]:
+            raise ValueError(
+                f"stage3_attention has {len(stage3_attention)} entries for {depths[2]} blocks"
+            )
+        attention = [
+            ("dilated",) * depths[0],
+            ("dilated",) * depths[1],
+            tuple(stage3_attention),
+            (_G,) * depths[3],
+        ]
+        self.channels = [embed_dim * 2**i for i in range(4)]
+        self.patch_embed = PatchEmbed(embed_dim, norm)
+        # stochastic depth rises linearly over all blocks (design note §2.9)
+        drop_paths = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
+        self.stages = nn.ModuleList()
+        for i, (dim, depth, heads) in enumerate(zip(self.channels, depths, num_heads)):
+            first = sum(depths[:i])
+            self.stages.append(
+                Stage(
+                    dim,
+                    heads,
+                    attention[i],
+                    window_size,
+                    mlp_ratio,
+                    drop_paths[first : first + depth],
+                    norm,
+                    downsample=i < 3,
+                    use_checkpoint=use_checkpoint,
+                )
+            )
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        # design note §2.9; convolutions (MSDA qkv included) and BatchNorms keep PyTorch's defaults
+        if isinstance(module, nn.Linear):
+            trunc_normal_(module.weight, std=0.02)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        x = self.patch_embed(x)
+        outputs = []
+        for stage in self.stages:
+            out, x = stage(x)
+            outputs.append(_channels_first(out).contiguous())
+        return outputs
+
+
+class D2DilateFormer(PyramidBackbone):
+    """Detectron2 backbone around ``DilateFormer``: named outputs ``res2`` ... ``res5``."""
+
+    def __init__(
+        self,
+        variant: str,
+        out_features: Sequence[str] = FEATURE_NAMES,
+        stage3_attention: str = "mixed",
+        window_size: int = 7,
+        drop_path_rate: Optional[float] = None,
+        norm: str = "FrozenBN",
+        output_norm: bool = True,
+        freeze_at: int = 0,
+        use_checkpoint: bool = False,
+    ):
+        """
+        Args:
+            variant: "tiny", "small" or "base" (design note §3).
+            out_features: subset of ("res2", "res3", "res4", "res5").
+            stage3_attention: "global", "window" or "mixed" (see the module docstring).
+            window_size: window side of the window / shifted-window blocks, e.g. 7 or 14.
+            drop_path_rate: stochastic depth; None means the variant's detection default.
+            norm: norm of the stem's and downsamplers' BatchNorms ("FrozenBN", "BN", "SyncBN").
+            output_norm: apply a fresh LayerNorm to each output (design note §6 #3).
+            freeze_at: 0 freezes nothing, 1 the stem, k >= 2 the stem and stages res2 ... res_k
+                (each with the downsampler that feeds it).
+            use_checkpoint: recompute each block in the backward pass to save memory.
+        """
+        super().__init__()
+        config = variant_config(variant)
+        pattern = stage3_pattern(variant, stage3_attention)
+        if window_size < 1:
+            raise ValueError(f"window_size={window_size}: expected a positive window side")
+        if drop_path_rate is None:
+            drop_path_rate = config["drop_path_rate"]
+        self.depths = tuple(config["depths"])
+        self.net = DilateFormer(
+            config["embed_dim"],
+            self.depths,
+            config["num_heads"],
+            stage3_attention=pattern,
+            window_size=window_size,
+            drop_path_rate=drop_path_rate,
+            norm=norm,
+            use_checkpoint=use_checkpoint,
+        )
+        self._init_outputs(out_features, output_norm, freeze_at)
+
+    def stem_and_stages(self) -> Tuple[nn.Module, Sequence[nn.Module]]:
+        return self.net.patch_embed, self.net.stages
+
+
+@BACKBONE_REGISTRY.register()
+def build_dilateformer_backbone(cfg, input_shape: ShapeSpec) -> D2DilateFormer:
+    """Build a D2DilateFormer from ``cfg.MODEL.DILATEFORMER`` and ``MODEL.BACKBONE.FREEZE_AT``."""
+    if input_shape.channels != 3:
+        raise ValueError(f"DilateFormer expects 3 input channels, got {input_shape.channels}")
+    dil = cfg.MODEL.DILATEFORMER
+    return D2DilateFormer(
+        variant=dil.VARIANT,
+        out_features=dil.OUT_FEATURES,
+        stage3_attention=dil.STAGE3_ATTENTION,
+        window_size=dil.WINDOW_SIZE,
+        drop_path_rate=dil.DROP_PATH_RATE,
+        norm=dil.NORM,
+        output_norm=dil.OUTPUT_NORM,
+        freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT,
+        use_checkpoint=dil.USE_CHECKPOINT,
+    )

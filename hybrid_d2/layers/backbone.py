@@ -1,0 +1,83 @@
+"""What every hybrid_d2 Detectron2 backbone wrapper shares: named pyramid outputs, optional output
+LayerNorms, stage freezing and the size constraint."""
+
+from typing import Dict, Sequence, Tuple
+
+import torch
+from detectron2.layers import FrozenBatchNorm2d
+from detectron2.layers.batch_norm import LayerNorm
+from detectron2.modeling import Backbone
+from torch import nn
+
+__all__ = ["FEATURE_NAMES", "PyramidBackbone"]
+
+FEATURE_NAMES = ("res2", "res3", "res4", "res5")
+
+
+class PyramidBackbone(Backbone):
+    """Base of the ``D2<Family>`` backbones around a four-stage network ``self.net``.
+
+    ``self.net(x)`` returns the four stage maps (NCHW, strides 4/8/16/32, channels
+    ``self.net.channels``), each read after the stage's last block and before the downsampling
+    that feeds the next stage. A subclass builds ``self.net`` and ``self.depths``, implements
+    ``stem_and_stages`` and then calls ``_init_outputs``.
+    """
+
+    def _init_outputs(self, out_features: Sequence[str], output_norm: bool, freeze_at: int) -> None:
+        """Set the output names/strides/channels, the output norms, and freeze."""
+        unknown = [name for name in out_features if name not in FEATURE_NAMES]
+        if unknown or not out_features:
+            raise ValueError(
+                f"out_features {list(out_features)}: expected names from {FEATURE_NAMES}"
+            )
+        self._out_features = list(out_features)
+        self._out_feature_strides = {name: 2 ** (i + 2) for i, name in enumerate(FEATURE_NAMES)}
+        self._out_feature_channels = dict(zip(FEATURE_NAMES, self.net.channels))
+        self.output_norms = None
+        if output_norm:
+            self.output_norms = nn.ModuleDict(
+                {
+                    name: LayerNorm(self._out_feature_channels[name], eps=1e-5)
+                    for name in out_features
+                }
+            )
+        self.freeze(freeze_at)
+
+    def stem_and_stages(self) -> Tuple[nn.Module, Sequence[nn.Module]]:
+        """The stem and the four stages; stage i has ``blocks`` and (i < 3) a ``downsample``."""
+        raise NotImplementedError
+
+    @property
+    def size_divisibility(self) -> int:
+        return 32
+
+    @property
+    def padding_constraints(self) -> Dict[str, int]:
+        return {"size_divisibility": 32}
+
+    def freeze(self, freeze_at: int) -> None:
+        """Freeze the stem (freeze_at >= 1) and stages res2 ... res_k (freeze_at = k >= 2).
+
+        Stage res_k comprises its blocks and the downsampling that feeds it. Frozen parameters stop
+        requiring gradients and frozen BatchNorms become FrozenBatchNorm2d.
+        """
+        if not 0 <= freeze_at <= len(FEATURE_NAMES) + 1:
+            raise ValueError(f"freeze_at={freeze_at}: expected 0 ... {len(FEATURE_NAMES) + 1}")
+        stem, stages = self.stem_and_stages()
+        frozen = [stem] if freeze_at >= 1 else []
+        for i in range(freeze_at - 1):
+            frozen.append(stages[i].blocks)
+            if i > 0:
+                frozen.append(stages[i - 1].downsample)
+        for module in frozen:
+            for param in module.parameters():
+                param.requires_grad = False
+            FrozenBatchNorm2d.convert_frozen_batchnorm(module)
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """(N, 3, H, W) -> {name: (N, C_i, ceil(H / stride_i), ceil(W / stride_i))}."""
+        outputs = {}
+        for name, feature in zip(FEATURE_NAMES, self.net(x)):
+            if name in self._out_features:
+                outputs[name] = self.output_norms[name](feature) if self.output_norms else feature
+        return outputs

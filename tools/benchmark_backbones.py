@@ -1,0 +1,175 @@
+#!/usr/bin/env python
+"""Inference latency and peak memory of backbones at detection resolution (not a test).
+
+    PYTHONPATH=. python tools/benchmark_backbones.py                     # CPU, 2 threads, 800x1216
+    PYTHONPATH=. python tools/benchmark_backbones.py --device cuda       # GPU, when there is one
+
+Models: DilateFormer-S with each stage-3 attention mode (window 7), DilateFormer-S "mixed" with
+its MSDA computed the official way (nn.Unfold; tests/backbones/dilateformer_reference.py), and
+Detectron2's ResNet-50 (``build_resnet_backbone``, default config with outputs res2-res5). Batch 1,
+``torch.no_grad``, eval mode; the backbone alone, without FPN or heads.
+
+Every model runs in a fresh subprocess. Latency: median (and min) wall time per image over the
+timed repeats, after warm-up runs. Peak memory on CPU: the process's maximum resident set size
+(``resource.getrusage(...).ru_maxrss``), once after building the model and the input ("base") and
+once after the runs ("peak"); their difference is what inference added (activations and
+workspaces). The worker runs with ``MALLOC_MMAP_THRESHOLD_=65536``, so that glibc returns every
+freed tensor to the system and the high-water mark follows the live tensors.
+On CUDA: ``torch.cuda.max_memory_allocated`` after the runs, and its increase over the weights and
+input.
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+REFERENCE = REPO / "tests" / "backbones" / "dilateformer_reference.py"
+
+
+def _dilateformer(mode: str, unfold: bool = False) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        from hybrid_d2.backbones import D2DilateFormer
+
+        backbone = D2DilateFormer("small", stage3_attention=mode, window_size=7)
+        if unfold:
+            spec = importlib.util.spec_from_file_location("dilateformer_reference", REFERENCE)
+            reference = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(reference)
+            reference.use_unfold_attention(backbone.net)
+        return backbone
+
+    return build
+
+
+def _resnet50() -> nn.Module:
+    from detectron2.config import get_cfg
+    from detectron2.layers import ShapeSpec
+    from detectron2.modeling.backbone.resnet import build_resnet_backbone
+
+    cfg = get_cfg()  # ResNet-50, FrozenBN, stem frozen; outputs as under an FPN
+    cfg.MODEL.RESNETS.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    return build_resnet_backbone(cfg, ShapeSpec(channels=3))
+
+
+MODELS: Dict[str, Callable[[], nn.Module]] = {
+    "DilateFormer-S stage3=global": _dilateformer("global"),
+    "DilateFormer-S stage3=window": _dilateformer("window"),
+    "DilateFormer-S stage3=mixed": _dilateformer("mixed"),
+    "DilateFormer-S stage3=mixed, unfold MSDA": _dilateformer("mixed", unfold=True),
+    "ResNet-50 (Detectron2)": _resnet50,
+}
+
+
+def _max_rss_mib() -> float:
+    # ru_maxrss is in KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure(name: str, device: str, height: int, width: int, warmup: int, repeats: int) -> dict:
+    """Latency and memory of one model in this process."""
+    torch.manual_seed(0)
+    model = MODELS[name]().eval().to(device)
+    image = torch.randn(1, 3, height, width, device=device)
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() / 2**20
+    else:
+        base = _max_rss_mib()
+    times = []
+    with torch.no_grad():
+        for i in range(warmup + repeats):
+            start = time.perf_counter()
+            model(image)
+            if cuda:
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _max_rss_mib()
+    return {
+        "model": name,
+        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        "median_ms": statistics.median(times) * 1e3,
+        "min_ms": min(times) * 1e3,
+        "base_mib": base,
+        "peak_mib": peak,
+    }
+
+
+def run_worker(name: str, args: argparse.Namespace) -> dict:
+    """Measure one model in a fresh interpreter, so that peak memory is its own."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    # glibc then serves every block >= 64 KiB with mmap and unmaps it when freed, so the RSS
+    # high-water mark follows the live tensors instead of what the heap kept after earlier frees
+    env["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    command = [
+        sys.executable, __file__, "--worker", name, "--device", args.device,
+        "--threads", str(args.threads), "--height", str(args.height), "--width", str(args.width),
+        "--warmup", str(args.warmup), "--repeats", str(args.repeats),
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        raise RuntimeError(f"{name}: benchmark worker failed:\n{result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch and OpenMP)")
+    parser.add_argument("--height", type=int, default=800)
+    parser.add_argument("--width", type=int, default=1216)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS))
+    parser.add_argument("--worker", choices=sorted(MODELS), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    torch.set_num_threads(args.threads)
+
+    if args.worker:
+        print(
+            json.dumps(
+                measure(
+                    args.worker, args.device, args.height, args.width, args.warmup, args.repeats
+                )
+            )
+        )
+        return 0
+
+    memory = "CUDA max allocated" if args.device.startswith("cuda") else "max RSS"
+    print(
+        f"{args.device}, {args.threads} threads, 1x3x{args.height}x{args.width}, "
+        f"{args.warmup} warm-up + {args.repeats} timed runs, torch {torch.__version__}\n"
+    )
+    print(f"| model | params (M) | median ms (min) | {memory}: base / peak / added (MiB) |")
+    print("|---|---|---|---|")
+    for name in args.models:
+        r = run_worker(name, args)
+        print(
+            f"| {r['model']} | {r['params_m']:.1f} | {r['median_ms']:.0f} ({r['min_ms']:.0f}) | "
+            f"{r['base_mib']:.0f} / {r['peak_mib']:.0f} / {r['peak_mib'] - r['base_mib']:.0f} |",
+            flush=True,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -38,3 +38,39 @@ def randomize_batchnorms(module: nn.Module) -> None:
             m.running_var.uniform_(0.5, 2.0)
             m.weight.data.normal_(1, 0.2)
             m.bias.data.normal_(0, 0.2)
+
+
+def register_shapes_under(root) -> None:
+    """(Re-)register the six shapes dataset names of this process under a datasets root."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    from hybrid_d2.data import SHAPES_DATASET_NAMES, register_shapes_datasets
+
+    for name in SHAPES_DATASET_NAMES:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    register_shapes_datasets(None if root is None else str(root))
+
+
+@pytest.fixture(scope="session")
+def shapes_datasets(datasets_root) -> Path:
+    """datasets_root with all three shapes datasets, registered under it in this process (for
+    in-process training and evaluation); the default registration is restored afterwards."""
+    for kind in ("shapes", "shapes_keypoints", "shapes_lvis"):
+        ensure_shapes_dataset(kind, datasets_root)
+    register_shapes_under(datasets_root)
+    yield datasets_root
+    register_shapes_under(None)
+
+
+def load_config(path, opts=()):
+    """A config file merged over Detectron2's and hybrid_d2's defaults, on CPU."""
+    from detectron2.config import get_cfg
+
+    from hybrid_d2 import add_hybrid_config
+    from hybrid_d2.config import merge_config_file
+
+    cfg = get_cfg()
+    add_hybrid_config(cfg)
+    merge_config_file(cfg, str(path), ["MODEL.DEVICE", "cpu", *opts])
+    return cfg

@@ -1,17 +1,26 @@
-"""Every shipped config loads, and the MixFormer detectors have the paper's sizes."""
+"""Every shipped config builds a detector that trains; the bases hold the recipes we documented."""
 import math
 from pathlib import Path
 
 import pytest
-from detectron2.config import get_cfg
+import torch
+from detectron2.data import MetadataCatalog, build_detection_train_loader
+from detectron2.evaluation import LVISEvaluator
 from detectron2.modeling import BACKBONE_REGISTRY, build_model
+from detectron2.utils.events import EventStorage
 from fvcore.nn import parameter_count
 
-import hybrid_d2
-from hybrid_d2.config import merge_config_file
+from conftest import load_config
+from hybrid_d2.data import DatasetMapper
+from hybrid_d2.evaluation import build_evaluator
+from hybrid_d2.solver import build_optimizer
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+CONFIG_ROOT = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = sorted(CONFIG_ROOT.rglob("*.yaml"))
 EXPERIMENTS = [c for c in CONFIGS if not c.name.startswith("Base-")]
+COCO_EXPERIMENTS = [c for c in EXPERIMENTS if c.parent == CONFIG_ROOT]
+SHAPES_EXPERIMENTS = [c for c in EXPERIMENTS if c.parent.name == "shapes"]
+MULTI_SCALE_3X = (480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800)
 
 # Mask R-CNN totals: paper Table 4 (millions) and the design note's exact count (§8 #6) of the
 # official architecture with Detectron2's standard heads, plus our 4 output LayerNorms (2 * sum(C)).
@@ -22,16 +31,57 @@ MASK_RCNN_PARAMS = {
     "b4": (53e6, 53_009_932 + 2 * 960),
 }
 
+# Keys that define a framework (as opposed to its size, data or schedule): a shapes quick config
+# must train the same kind of detector as the COCO experiments of its framework.
+FRAMEWORK_KEYS = [
+    "MODEL.META_ARCHITECTURE",
+    "MODEL.BACKBONE.NAME",
+    "MODEL.FPN.IN_FEATURES",
+    "MODEL.FPN.TOP_BLOCK_IN_FEATURE",
+    "MODEL.MASK_ON",
+    "MODEL.KEYPOINT_ON",
+    "MODEL.RETINANET.IOU_THRESHOLDS",
+    "MODEL.RETINANET.IOU_LABELS",
+    "MODEL.RETINANET.SMOOTH_L1_LOSS_BETA",
+    "MODEL.ROI_HEADS.NAME",
+    "MODEL.ROI_HEADS.SCORE_THRESH_TEST",
+    "MODEL.ROI_BOX_HEAD.NAME",
+    "MODEL.ROI_BOX_HEAD.NUM_CONV",
+    "MODEL.ROI_BOX_HEAD.NUM_FC",
+    "MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG",
+    "MODEL.ROI_BOX_HEAD.SMOOTH_L1_BETA",
+    "MODEL.ROI_BOX_CASCADE_HEAD.IOUS",
+    "MODEL.ROI_BOX_CASCADE_HEAD.BBOX_REG_WEIGHTS",
+    "MODEL.ROI_MASK_HEAD.NAME",
+    "MODEL.ROI_KEYPOINT_HEAD.NAME",
+    "DATALOADER.SAMPLER_TRAIN",
+]
+# What the shapes bases of every framework share (Base-Shapes-RCNN.yaml, Base-Shapes-RetinaNet.yaml).
+SHAPES_SHARED_KEYS = ["MODEL.DEVICE", "MODEL.FPN.OUT_CHANNELS", "INPUT", "DATASETS", "SOLVER", "DATALOADER", "TEST", "SEED"]
 
-def _cfg(path):
-    cfg = get_cfg()
-    hybrid_d2.add_hybrid_config(cfg)
-    merge_config_file(cfg, str(path), ["MODEL.DEVICE", "cpu"])
+
+def _get(cfg, key):
+    for name in key.split("."):
+        cfg = cfg[name]
     return cfg
 
 
+def _framework(path: Path) -> str:
+    """'mixformer_b4_cascade_mask_rcnn_3x' -> 'cascade_mask_rcnn' (family, variant, schedule cut)."""
+    return path.stem.split("_", 2)[2].rsplit("_", 1)[0]
+
+
+def _shapes_training_dataset(cfg) -> str:
+    """The shapes dataset standing in for a config's training data, by annotation type."""
+    if cfg.MODEL.KEYPOINT_ON:
+        return "shapes_keypoints_train"
+    if MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).evaluator_type == "lvis":
+        return "shapes_lvis_train"
+    return "shapes_train"
+
+
 def test_import_registers_backbones_and_datasets():
-    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.data import DatasetCatalog
 
     for name in ("build_hybrid_fpn_backbone", "build_hybrid_retinanet_backbone", "build_mixformer_backbone"):
         assert name in BACKBONE_REGISTRY
@@ -40,27 +90,135 @@ def test_import_registers_backbones_and_datasets():
 
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=[c.stem for c in EXPERIMENTS])
-def test_experiment_config_loads(path):
-    cfg = _cfg(path)
-    assert cfg.MODEL.BACKBONE.NAME.startswith("build_hybrid_")
-    assert cfg.MODEL.FPN.BOTTOM_UP in BACKBONE_REGISTRY
+def test_one_training_iteration(path, shapes_datasets):
+    """Build the config's detector and train it for one iteration on its shapes stand-in data.
+
+    The architecture is the config's; only the data (classes, keypoints), the input size and the
+    number of sampled RoIs are shrunk to keep a B4 detector to a few seconds on CPU.
+    """
+    cfg = load_config(path)
+    dataset = _shapes_training_dataset(cfg)
+    metadata = MetadataCatalog.get(dataset)
+    cfg.merge_from_list([
+        "DATASETS.TRAIN", (dataset,),
+        "MODEL.ROI_HEADS.NUM_CLASSES", len(metadata.thing_classes),
+        "MODEL.RETINANET.NUM_CLASSES", len(metadata.thing_classes),
+        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 64,
+        "INPUT.MIN_SIZE_TRAIN", (96,),
+        "INPUT.MAX_SIZE_TRAIN", 128,
+        "SOLVER.IMS_PER_BATCH", 2,
+        "DATALOADER.NUM_WORKERS", 0,
+    ])
+    if cfg.MODEL.KEYPOINT_ON:
+        cfg.MODEL.ROI_KEYPOINT_HEAD.NUM_KEYPOINTS = len(metadata.keypoint_names)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    model.train()
+    optimizer = build_optimizer(cfg, model)
+    batch = next(iter(build_detection_train_loader(cfg, mapper=DatasetMapper(cfg, is_train=True))))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+
+    with EventStorage():
+        losses = model(batch)
+    assert all(torch.isfinite(v) for v in losses.values()), losses
+    optimizer.zero_grad()
+    sum(losses.values()).backward()
+    optimizer.step()
+
+    # Every parameter takes part (an unused one breaks DistributedDataParallel) and learns.
+    params = dict(model.named_parameters())
+    assert [n for n, p in params.items() if p.requires_grad and p.grad is None] == []
+    assert all(torch.isfinite(p.grad).all() for p in params.values() if p.grad is not None)
+    # Drop path can zero a whole block's gradient for this batch; the rest must move.
+    unchanged = [n for n, p in params.items() if p.grad is not None and p.grad.any() and torch.equal(p, before[n])]
+    assert unchanged == []
 
 
 @pytest.mark.parametrize("variant", sorted(MASK_RCNN_PARAMS))
 def test_mask_rcnn_parameter_counts(variant):
     paper, exact = MASK_RCNN_PARAMS[variant]
-    path = Path(__file__).resolve().parents[1] / f"configs/mixformer_{variant}_mask_rcnn_1x.yaml"
-    total = parameter_count(build_model(_cfg(path)))[""]
+    total = parameter_count(build_model(load_config(CONFIG_ROOT / f"mixformer_{variant}_mask_rcnn_1x.yaml")))[""]
     assert total == exact
     assert math.isclose(total, paper, rel_tol=0.03)
 
 
-def test_schedules_match_the_paper():
-    root = Path(__file__).resolve().parents[1] / "configs"
-    one_x, three_x = _cfg(root / "mixformer_b4_mask_rcnn_1x.yaml"), _cfg(root / "mixformer_b4_mask_rcnn_3x.yaml")
-    assert (one_x.SOLVER.MAX_ITER, one_x.SOLVER.IMS_PER_BATCH, one_x.INPUT.MIN_SIZE_TRAIN) == (90000, 16, (800,))
-    assert three_x.SOLVER.MAX_ITER == 270000
-    assert (min(three_x.INPUT.MIN_SIZE_TRAIN), max(three_x.INPUT.MIN_SIZE_TRAIN)) == (480, 800)
-    for cfg in (one_x, three_x):
-        assert (cfg.SOLVER.OPTIMIZER, cfg.SOLVER.BASE_LR, cfg.SOLVER.WEIGHT_DECAY) == ("AdamW", 1e-4, 0.05)
-        assert cfg.MODEL.MIXFORMER.DROP_PATH_RATE == 0.2
+@pytest.mark.parametrize("path", COCO_EXPERIMENTS, ids=[c.stem for c in COCO_EXPERIMENTS])
+def test_coco_experiments_share_the_recipe_and_schedules(path):
+    """Swin-T recipe (design note §5.3) and the schedule named in the file name, for every config."""
+    cfg = load_config(path)
+    assert (cfg.SOLVER.OPTIMIZER, cfg.SOLVER.BASE_LR, cfg.SOLVER.WEIGHT_DECAY) == ("AdamW", 1e-4, 0.05)
+    assert (cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.WARMUP_ITERS, cfg.MODEL.BACKBONE.FREEZE_AT) == (16, 500, 0)
+    assert (cfg.INPUT.FORMAT, cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST) == ("RGB", 800, 1333)
+    assert cfg.MODEL.FPN.BOTTOM_UP in BACKBONE_REGISTRY
+    schedule = path.stem.rsplit("_", 1)[1]
+    if schedule == "1x":
+        assert (cfg.SOLVER.MAX_ITER, cfg.SOLVER.STEPS) == (90000, (60000, 80000))
+        # LVIS trains multi-scale (short side 640-800) already in its 1x protocol.
+        lvis = MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).evaluator_type == "lvis"
+        assert cfg.INPUT.MIN_SIZE_TRAIN == ((640, 672, 704, 736, 768, 800) if lvis else (800,))
+    else:
+        assert schedule == "3x"
+        assert (cfg.SOLVER.MAX_ITER, cfg.SOLVER.STEPS) == (270000, (210000, 250000))
+        assert (cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING) == (MULTI_SCALE_3X, "choice")
+
+
+def test_mixformer_drop_path_follows_the_variant():
+    rates = {"b1": 0.0, "b2": 0.05, "b3": 0.1, "b4": 0.2}
+    for path in COCO_EXPERIMENTS:
+        cfg = load_config(path)
+        assert cfg.MODEL.MIXFORMER.DROP_PATH_RATE == rates[cfg.MODEL.MIXFORMER.VARIANT], path.name
+
+
+def test_retinanet_base():
+    cfg = load_config(CONFIG_ROOT / "mixformer_b1_retinanet_1x.yaml")
+    assert (cfg.MODEL.META_ARCHITECTURE, cfg.MODEL.BACKBONE.NAME) == ("RetinaNet", "build_hybrid_retinanet_backbone")
+    assert cfg.MODEL.FPN.IN_FEATURES == ["res3", "res4", "res5"]
+    assert cfg.MODEL.FPN.TOP_BLOCK_IN_FEATURE == "res5"  # the DMF paper's P6 from C5
+    features = build_model(cfg).backbone.output_shape()
+    assert {name: s.stride for name, s in features.items()} == {"p3": 8, "p4": 16, "p5": 32, "p6": 64, "p7": 128}
+
+
+def test_cascade_base():
+    cfg = load_config(CONFIG_ROOT / "mixformer_b4_cascade_mask_rcnn_3x.yaml")
+    assert (cfg.MODEL.ROI_HEADS.NAME, cfg.MODEL.MASK_ON) == ("CascadeROIHeads", True)
+    assert cfg.MODEL.ROI_BOX_CASCADE_HEAD.IOUS == (0.5, 0.6, 0.7)
+    assert cfg.MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG
+
+
+def test_keypoint_base():
+    cfg = load_config(CONFIG_ROOT / "mixformer_b4_keypoint_rcnn_3x.yaml")
+    assert cfg.DATASETS.TRAIN == ("keypoints_coco_2017_train",)
+    assert cfg.DATASETS.TEST == ("keypoints_coco_2017_val",)
+    assert (cfg.MODEL.KEYPOINT_ON, cfg.MODEL.MASK_ON) == (True, False)
+    assert (cfg.MODEL.ROI_HEADS.NUM_CLASSES, cfg.MODEL.ROI_KEYPOINT_HEAD.NUM_KEYPOINTS) == (1, 17)
+    assert cfg.TEST.KEYPOINT_OKS_SIGMAS == []  # COCO's own sigmas
+    assert (cfg.MODEL.ROI_BOX_HEAD.SMOOTH_L1_BETA, cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN) == (0.5, 1500)
+
+
+def test_lvis_base(shapes_datasets):
+    cfg = load_config(CONFIG_ROOT / "mixformer_b4_lvis_mask_rcnn_1x.yaml")
+    assert cfg.DATASETS.TRAIN == ("lvis_v1_train",) and cfg.DATASETS.TEST == ("lvis_v1_val",)
+    assert (cfg.DATALOADER.SAMPLER_TRAIN, cfg.DATALOADER.REPEAT_THRESHOLD) == ("RepeatFactorTrainingSampler", 0.001)
+    assert (cfg.MODEL.ROI_HEADS.NUM_CLASSES, cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST) == (1203, 1e-4)
+    assert cfg.TEST.DETECTIONS_PER_IMAGE == 300
+    assert cfg.INPUT.MIN_SIZE_TRAIN == (640, 672, 704, 736, 768, 800)
+    # lvis_v1_val's json is not here: check what build_evaluator makes of the config on shapes_lvis.
+    evaluator = build_evaluator(cfg, "shapes_lvis_val", str(shapes_datasets / "lvis_eval"))
+    assert isinstance(evaluator, LVISEvaluator) and evaluator._max_dets_per_image == 300
+
+
+@pytest.mark.parametrize("path", SHAPES_EXPERIMENTS, ids=[c.stem for c in SHAPES_EXPERIMENTS])
+def test_shapes_config_trains_its_frameworks_detector(path):
+    shapes = load_config(path)
+    counterparts = [load_config(c) for c in COCO_EXPERIMENTS if _framework(c) == _framework(path)]
+    assert counterparts, f"no COCO experiment for the framework of {path.name}"
+    for key in FRAMEWORK_KEYS:
+        assert {repr(_get(cfg, key)) for cfg in counterparts} == {repr(_get(shapes, key))}, key
+    assert _shapes_training_dataset(shapes) == shapes.DATASETS.TRAIN[0]
+
+
+def test_shapes_bases_agree():
+    rcnn, retinanet = (load_config(CONFIG_ROOT / f"shapes/Base-Shapes-{name}.yaml") for name in ("RCNN", "RetinaNet"))
+    for key in SHAPES_SHARED_KEYS:
+        assert _get(rcnn, key) == _get(retinanet, key), key
+

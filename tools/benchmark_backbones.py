@@ -9,12 +9,14 @@ its MSDA computed the official way (nn.Unfold; tests/backbones/dilateformer_refe
 Detectron2's ResNet-50 (``build_resnet_backbone``, default config with outputs res2-res5). Batch 1,
 ``torch.no_grad``, eval mode; the backbone alone, without FPN or heads.
 
-Every model runs in a fresh subprocess. Latency: median (and min) wall time per image over the
-timed repeats, after warm-up runs. Peak memory on CPU: the process's maximum resident set size
-(``resource.getrusage(...).ru_maxrss``), once after building the model and the input ("base") and
-once after the runs ("peak"); their difference is what inference added (activations and
-workspaces). The worker runs with ``MALLOC_MMAP_THRESHOLD_=65536``, so that glibc returns every
-freed tensor to the system and the high-water mark follows the live tensors.
+Every model runs in fresh subprocesses. Latency: median (and min) wall time per image over the
+timed repeats, after warm-up runs, with the default allocator. Peak memory on CPU, in a second
+subprocess: the process's maximum resident set size (``resource.getrusage(...).ru_maxrss``), once
+after building the model and the input ("base") and once after one warm-up and one run ("peak");
+their difference is what inference added (activations and workspaces). That worker runs with
+``MALLOC_MMAP_THRESHOLD_=65536``, so that glibc returns every freed tensor to the system and the
+high-water mark follows the live tensors; the page faults this costs would distort latency, hence
+the separate run.
 On CUDA: ``torch.cuda.max_memory_allocated`` after the runs, and its increase over the weights and
 input.
 """
@@ -63,12 +65,13 @@ def _resnet50() -> nn.Module:
     return build_resnet_backbone(cfg, ShapeSpec(channels=3))
 
 
+REFERENCE_MODEL = "ResNet-50 (Detectron2)"
 MODELS: Dict[str, Callable[[], nn.Module]] = {
     "DilateFormer-S stage3=global": _dilateformer("global"),
     "DilateFormer-S stage3=window": _dilateformer("window"),
     "DilateFormer-S stage3=mixed": _dilateformer("mixed"),
     "DilateFormer-S stage3=mixed, unfold MSDA": _dilateformer("mixed", unfold=True),
-    "ResNet-50 (Detectron2)": _resnet50,
+    REFERENCE_MODEL: _resnet50,
 }
 
 
@@ -109,22 +112,34 @@ def measure(name: str, device: str, height: int, width: int, warmup: int, repeat
     }
 
 
-def run_worker(name: str, args: argparse.Namespace) -> dict:
-    """Measure one model in a fresh interpreter, so that peak memory is its own."""
+def run_worker(name: str, args: argparse.Namespace, memory: bool) -> dict:
+    """Measure one model in a fresh interpreter, so that peak memory is its own; ``memory``
+    selects the allocator setting for peak memory (and a single timed run)."""
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    # glibc then serves every block >= 64 KiB with mmap and unmaps it when freed, so the RSS
-    # high-water mark follows the live tensors instead of what the heap kept after earlier frees
-    env["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)
+    if memory:
+        # glibc then serves every block >= 64 KiB with mmap and unmaps it when freed, so the RSS
+        # high-water mark follows the live tensors instead of what the heap kept after frees
+        env["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    warmup, repeats = (1, 1) if memory else (args.warmup, args.repeats)
     command = [
         sys.executable, __file__, "--worker", name, "--device", args.device,
         "--threads", str(args.threads), "--height", str(args.height), "--width", str(args.width),
-        "--warmup", str(args.warmup), "--repeats", str(args.repeats),
+        "--warmup", str(warmup), "--repeats", str(repeats),
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise RuntimeError(f"{name}: benchmark worker failed:\n{result.stderr[-2000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def measure_model(name: str, args: argparse.Namespace) -> dict:
+    """Latency from one worker and, on CPU, peak memory from another."""
+    result = run_worker(name, args, memory=False)
+    if not args.device.startswith("cuda"):
+        memory = run_worker(name, args, memory=True)
+        result.update(base_mib=memory["base_mib"], peak_mib=memory["peak_mib"])
+    return result
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -159,13 +174,22 @@ def main(argv: Optional[List[str]] = None) -> int:
         f"{args.device}, {args.threads} threads, 1x3x{args.height}x{args.width}, "
         f"{args.warmup} warm-up + {args.repeats} timed runs, torch {torch.__version__}\n"
     )
-    print(f"| model | params (M) | median ms (min) | {memory}: base / peak / added (MiB) |")
-    print("|---|---|---|---|")
-    for name in args.models:
-        r = run_worker(name, args)
+    print(
+        f"| model | params (M) | median ms (min) | x {REFERENCE_MODEL} (median) "
+        f"| {memory}: base / peak / added (MiB) |"
+    )
+    print("|---|---|---|---|---|")
+    # the reference first, so that every row can give its ratio
+    names = sorted(args.models, key=lambda name: name != REFERENCE_MODEL)
+    reference_ms = None
+    for name in names:
+        r = measure_model(name, args)
+        reference_ms = r["median_ms"] if name == REFERENCE_MODEL else reference_ms
+        ratio = f"{r['median_ms'] / reference_ms:.2f}" if reference_ms else "-"
         print(
             f"| {r['model']} | {r['params_m']:.1f} | {r['median_ms']:.0f} ({r['min_ms']:.0f}) | "
-            f"{r['base_mib']:.0f} / {r['peak_mib']:.0f} / {r['peak_mib'] - r['base_mib']:.0f} |",
+            f"{ratio} | {r['base_mib']:.0f} / {r['peak_mib']:.0f} / "
+            f"{r['peak_mib'] - r['base_mib']:.0f} |",
             flush=True,
         )
     return 0

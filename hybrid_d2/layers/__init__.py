@@ -4,7 +4,7 @@ from .backbone import FEATURE_NAMES, PyramidBackbone
 from .dilated_attention import dilated_attention
 from .fused import FusedMlp, conv_norm_act, linear_act
 from .flops import FLOP_HANDLES, flop_count_analysis
-from .norm import FrozenStatsBatchNorm2d, get_norm
+from .norm import FrozenStatsBatchNorm2d, get_norm, norm_for_device
 from .window_masks import window_attention_mask
 from .windows import pad_to_multiple, relative_position_index, window_partition, window_reverse
 
@@ -19,6 +19,7 @@ __all__ = [
     "flop_count_analysis",
     "get_norm",
     "linear_act",
+    "norm_for_device",
     "pad_to_multiple",
     "relative_position_index",
     "window_attention_mask",

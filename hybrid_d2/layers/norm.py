@@ -34,6 +34,19 @@ class FrozenStatsBatchNorm2d(nn.BatchNorm2d):
 _NORMS = {"FrozenStatsBN": FrozenStatsBatchNorm2d}
 
 
+def norm_for_device(norm: str, device: str) -> str:
+    """The norm name to build on ``device``: "SyncBN" becomes Detectron2's "naiveSyncBN" off CUDA.
+
+    PyTorch's ``nn.SyncBatchNorm`` kernel is CUDA-only (it raises for CPU inputs once several
+    processes train), while Detectron2's ``NaiveSyncBatchNorm`` all-reduces the batch statistics
+    with any backend, gloo included. Both give the statistics of the whole batch when the processes
+    have equal batch shapes, and have the same parameters and state dict.
+    """
+    if norm == "SyncBN" and not str(device).startswith("cuda"):
+        return "naiveSyncBN"
+    return norm
+
+
 def get_norm(norm: Union[str, Callable[[int], nn.Module]], channels: int) -> nn.Module:
     """Build a normalisation layer over ``channels`` channels.
 

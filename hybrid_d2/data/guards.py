@@ -1,14 +1,26 @@
-"""Early, readable errors for datasets whose files are missing."""
+"""Early, readable errors for datasets whose files are missing or whose records Detectron2 would
+choke on (or silently fix) during training."""
 
 import difflib
+import logging
+import numbers
 import os
-from typing import List
+import traceback
+from collections import defaultdict
+from typing import Dict, List, Optional, Sequence, Tuple
 
-from detectron2.data import DatasetCatalog, MetadataCatalog
+import numpy as np
+from detectron2.data import DatasetCatalog, MetadataCatalog, get_detection_dataset_dicts
+from detectron2.structures import BoxMode
 
 from .shapes import ensure_shapes_dataset, is_shapes_dataset
 
-__all__ = ["check_dataset_files", "missing_dataset_files"]
+__all__ = [
+    "check_dataset_dicts",
+    "check_dataset_files",
+    "load_detection_dataset_dicts",
+    "missing_dataset_files",
+]
 
 # Metadata keys under which Detectron2's dataset registrations record files and folders.
 _PATH_KEYS = (
@@ -77,3 +89,276 @@ def check_dataset_files(dataset_name: str) -> None:
             + f"\n{_datasets_root_description()} (read when detectron2 / hybrid_d2.data was "
             "imported). See datasets/README.md for the expected layout."
         )
+
+
+# --- dataset dicts ---------------------------------------------------------------------------
+
+_NUM_CLASSES_KEYS = "MODEL.ROI_HEADS.NUM_CLASSES (R-CNN) / MODEL.RETINANET.NUM_CLASSES (RetinaNet)"
+# Detectron2's filter_empty_instances drops boxes whose side is not larger than this.
+_EMPTY_BOX_SIDE = 1e-5
+_MAX_LISTED = 10
+# Detectron2's json loaders, whose KeyErrors do not name the json file.
+_JSON_LOADERS = ("load_coco_json", "load_lvis_json")
+
+
+def _metadata(dataset_name: str) -> dict:
+    """The metadata of a registered dataset as a dict ({} if it is not registered)."""
+    if dataset_name not in DatasetCatalog:
+        return {}
+    return MetadataCatalog.get(dataset_name).as_dict()
+
+
+def _describe(dataset_names: Sequence[str]) -> str:
+    """Name the datasets with their json files: dataset 'a' (a.json) / datasets 'a' (...), 'b'."""
+    parts = []
+    for name in dataset_names:
+        json_file = _metadata(name).get("json_file")
+        parts.append(f"'{name}'" + (f" ({json_file})" if json_file else ""))
+    return ("dataset " if len(parts) == 1 else "datasets ") + ", ".join(parts)
+
+
+def _json_loader_call(error: BaseException) -> Optional[Tuple[str, Optional[str]]]:
+    """(json_file, dataset_name) of the Detectron2 json loader call that raised ``error``."""
+    for frame, _ in traceback.walk_tb(error.__traceback__):
+        if frame.f_code.co_name in _JSON_LOADERS and "json_file" in frame.f_locals:
+            return str(frame.f_locals["json_file"]), frame.f_locals.get("dataset_name")
+    return None
+
+
+def _error_detail(error: BaseException) -> str:
+    """A loader error's message; a bare KeyError(key) becomes a sentence."""
+    detail = error.args[0] if error.args else ""
+    if not isinstance(error, KeyError) or (isinstance(detail, str) and " " in detail):
+        return str(error)
+    if isinstance(detail, numbers.Integral):  # LVIS loader's COCO-id mapping
+        return f"category_id={detail} is not in the dataset's categories"
+    return f"an image or annotation entry has no key {detail!r}"
+
+
+def load_detection_dataset_dicts(dataset_names: Sequence[str], **kwargs) -> List[dict]:
+    """``detectron2.data.get_detection_dataset_dicts`` (same keyword arguments), with errors that
+    name the dataset and its json file.
+
+    Detectron2's COCO/LVIS loaders raise a bare KeyError for an annotation whose category_id is not
+    in the json's "categories" or an image entry without "height"/"width", and AssertionErrors
+    without the json file; both become a ValueError naming the dataset and the json file. So does
+    the AssertionError for a dataset that Detectron2's filters leave without images.
+    """
+    try:
+        return get_detection_dataset_dicts(list(dataset_names), **kwargs)
+    except (KeyError, AssertionError) as error:
+        if str(error).startswith("No valid data found"):
+            raise ValueError(_no_records_message(dataset_names)) from error
+        call = _json_loader_call(error)
+        if call is None and isinstance(error, KeyError):
+            raise  # e.g. an unregistered dataset name: Detectron2's message is clear
+        source = f"dataset '{call[1]}' from {call[0]}" if call else _describe(dataset_names)
+        raise ValueError(f"Cannot load {source}: {_error_detail(error)}") from error
+
+
+def _no_records_message(dataset_names: Sequence[str]) -> str:
+    return (
+        f"No training images left in {_describe(dataset_names)}. Detectron2 removes the images "
+        "without non-crowd annotations (DATALOADER.FILTER_EMPTY_ANNOTATIONS) and those with too "
+        "few keypoints (MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE); check the annotation "
+        "files."
+    )
+
+
+def _training_annotations(record: dict) -> List[dict]:
+    """The annotations that reach the model: Detectron2's DatasetMapper drops crowd ones."""
+    return [ann for ann in record.get("annotations", ()) if not ann.get("iscrowd", 0)]
+
+
+def _check_not_empty(dataset_dicts: List[dict], dataset_names: Sequence[str]) -> None:
+    if not dataset_dicts:
+        raise ValueError(_no_records_message(dataset_names))
+    if not any(_training_annotations(record) for record in dataset_dicts):
+        raise ValueError(
+            f"None of the {len(dataset_dicts)} images of {_describe(dataset_names)} has a "
+            "non-crowd annotation: there is nothing to train on. Check the annotation files."
+        )
+
+
+def _check_image_files(dataset_dicts: List[dict], dataset_names: Sequence[str]) -> None:
+    missing = [
+        str(record.get("file_name"))
+        for record in dataset_dicts
+        if not record.get("file_name") or not os.path.exists(record["file_name"])
+    ]
+    if missing:
+        listed = "\n  ".join(missing[:_MAX_LISTED]) + (
+            "\n  ..." if len(missing) > _MAX_LISTED else ""
+        )
+        raise FileNotFoundError(
+            f"{len(missing)} of the {len(dataset_dicts)} images of {_describe(dataset_names)} do "
+            f"not exist:\n  {listed}\n{_datasets_root_description()}."
+        )
+
+
+def _check_image_sizes(dataset_dicts: List[dict], dataset_names: Sequence[str]) -> None:
+    for record in dataset_dicts:
+        size = {key: record.get(key) for key in ("height", "width")}
+        if any(not isinstance(v, numbers.Integral) or v <= 0 for v in size.values()):
+            raise ValueError(
+                f"Image {record.get('file_name')} of {_describe(dataset_names)}: expected positive "
+                f"integer 'height' and 'width' in its record, got {size}."
+            )
+
+
+def _is_class_id(category_id, num_classes: int) -> bool:
+    return (
+        isinstance(category_id, numbers.Real)
+        and float(category_id).is_integer()
+        and 0 <= category_id < num_classes
+    )
+
+
+def _check_categories(
+    dataset_dicts: List[dict], dataset_names: Sequence[str], num_classes: int
+) -> None:
+    bad_ids, example, count = set(), None, 0
+    for record in dataset_dicts:
+        for ann in _training_annotations(record):
+            category_id = ann.get("category_id")
+            if not _is_class_id(category_id, num_classes):
+                bad_ids.add(category_id)
+                example = example or record.get("file_name")
+                count += 1
+    if not bad_ids:
+        return
+    ids = sorted(bad_ids, key=lambda v: (0, v) if isinstance(v, numbers.Real) else (1, repr(v)))
+    shown = ", ".join(map(repr, ids[:20])) + (", ..." if len(ids) > 20 else "")
+    classes = _metadata(dataset_names[0]).get("thing_classes") if dataset_names else None
+    known = f" The dataset's metadata lists {len(classes)} thing_classes." if classes else ""
+    raise ValueError(
+        f"{count} annotations of {_describe(dataset_names)} have a category_id outside "
+        f"[0, {num_classes}) (ids after Detectron2's mapping to contiguous ids): {shown}; e.g. in "
+        f"{example}.{known} Set {_NUM_CLASSES_KEYS} to the dataset's number of classes."
+    )
+
+
+def _grouped_boxes(
+    dataset_dicts: List[dict], dataset_names: Sequence[str]
+) -> Dict[BoxMode, Tuple[list, list]]:
+    """box mode -> (bboxes, index of each bbox's record), over the training annotations."""
+    groups: Dict[BoxMode, Tuple[list, list]] = defaultdict(lambda: ([], []))
+    for i, record in enumerate(dataset_dicts):
+        for ann in _training_annotations(record):
+            if "bbox" not in ann or "bbox_mode" not in ann:
+                raise ValueError(
+                    f"An annotation of image {record.get('file_name')} of "
+                    f"{_describe(dataset_names)} lacks 'bbox' or 'bbox_mode': {ann}"
+                )
+            mode = BoxMode(ann["bbox_mode"])
+            if mode in (BoxMode.XYXY_REL, BoxMode.XYWH_REL):
+                raise ValueError(
+                    f"Image {record.get('file_name')} of {_describe(dataset_names)} has a box in "
+                    f"{mode.name}; Detectron2 supports absolute box modes only."
+                )
+            if len(ann["bbox"]) != (5 if mode == BoxMode.XYWHA_ABS else 4):
+                raise ValueError(
+                    f"Image {record.get('file_name')} of {_describe(dataset_names)} has a "
+                    f"{mode.name} box with {len(ann['bbox'])} values: {ann['bbox']}"
+                )
+            bboxes, owners = groups[mode]
+            bboxes.append(ann["bbox"])
+            owners.append(i)
+    return groups
+
+
+def _xyxy_boxes(
+    dataset_dicts: List[dict], dataset_names: Sequence[str]
+) -> Tuple[np.ndarray, np.ndarray]:
+    """(N, 4) XYXY_ABS boxes of the training annotations and the index of each box's record.
+
+    Raises:
+        ValueError: naming the image and the box, for a box with a non-finite coordinate.
+    """
+    all_boxes, all_owners = [np.zeros((0, 4))], [np.zeros(0, dtype=int)]
+    for mode, (bboxes, owners) in _grouped_boxes(dataset_dicts, dataset_names).items():
+        try:
+            boxes = np.asarray(bboxes, dtype=np.float64)
+        except (TypeError, ValueError) as error:
+            raise ValueError(
+                f"{_describe(dataset_names)} has non-numeric {mode.name} boxes: {error}"
+            ) from error
+        finite = np.isfinite(boxes).all(axis=1)
+        if not finite.all():
+            first = int(np.argmin(finite))
+            raise ValueError(
+                f"{int((~finite).sum())} boxes of {_describe(dataset_names)} have non-finite "
+                f"coordinates, e.g. {bboxes[first]} ({mode.name}) in image "
+                f"{dataset_dicts[owners[first]].get('file_name')}. Detectron2 would silently "
+                "drop or clip them; fix the annotations."
+            )
+        all_boxes.append(BoxMode.convert(boxes, mode, BoxMode.XYXY_ABS))
+        all_owners.append(np.asarray(owners))
+    return np.concatenate(all_boxes), np.concatenate(all_owners)
+
+
+def _log_box_fixes(
+    dataset_dicts: List[dict], dataset_names: Sequence[str], logger: logging.Logger
+) -> None:
+    """Warn about the boxes Detectron2's mapper will clip, drop or reorder."""
+    boxes, owners = _xyxy_boxes(dataset_dicts, dataset_names)
+    sizes = np.array([(r["width"], r["height"]) for r in dataset_dicts], dtype=np.float64)
+    limits = np.tile(sizes[owners], 2)  # (w, h, w, h) per box
+    reversed_ = (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
+    # box transforms take the min/max corners (fvcore Transform.apply_box)
+    boxes = np.concatenate(
+        [np.minimum(boxes[:, :2], boxes[:, 2:]), np.maximum(boxes[:, :2], boxes[:, 2:])], axis=1
+    )
+    clipped = np.clip(boxes, 0, limits)
+    outside = (clipped != boxes).any(axis=1)
+    empty = ((clipped[:, 2:] - clipped[:, :2]) <= _EMPTY_BOX_SIDE).any(axis=1)
+    num_clipped, num_dropped = int((outside & ~empty).sum()), int(empty.sum())
+    num_reversed = int((reversed_ & ~empty).sum())
+    if not (num_clipped or num_dropped or num_reversed):
+        return
+    reversed_text = (
+        f"; {num_reversed} boxes have negative width or height and will be kept with their "
+        "corners swapped"
+        if num_reversed
+        else ""
+    )
+    logger.warning(
+        f"{_describe(dataset_names)}: {num_clipped} boxes extend outside their image and will be "
+        f"clipped; {num_dropped} boxes have zero area (after clipping) and will be dropped"
+        f"{reversed_text}, as Detectron2 does."
+    )
+
+
+def check_dataset_dicts(
+    dataset_dicts: List[dict],
+    dataset_names: Sequence[str],
+    num_classes: int,
+    logger: Optional[logging.Logger] = None,
+) -> None:
+    """Check the training records of detection datasets before training starts.
+
+    ``dataset_dicts`` is what ``get_detection_dataset_dicts(dataset_names)`` (or
+    ``load_detection_dataset_dicts``) returns. Crowd annotations are not checked: Detectron2's
+    DatasetMapper drops them before training. Refuses, in this order:
+
+    * an empty list, or records without any non-crowd annotation (ValueError);
+    * images that do not exist (FileNotFoundError: the count and the first 10 paths);
+    * records without positive integer height/width (ValueError naming the image);
+    * category ids outside [0, num_classes) (ValueError: the ids, an image, the config keys);
+    * annotations without bbox/bbox_mode, relative box modes, non-finite coordinates (ValueError).
+
+    Then logs one warning with the boxes Detectron2 will fix: those extending outside their image
+    (clipped), those of zero area after clipping (dropped), those of negative width or height
+    (corners swapped). A clean dataset logs nothing.
+
+    Args:
+        num_classes: the model's number of classes (MODEL.ROI_HEADS.NUM_CLASSES or
+            MODEL.RETINANET.NUM_CLASSES).
+        logger: where the warning goes; by default this module's logger.
+    """
+    dataset_names = list(dataset_names)
+    _check_not_empty(dataset_dicts, dataset_names)
+    _check_image_files(dataset_dicts, dataset_names)
+    _check_image_sizes(dataset_dicts, dataset_names)
+    _check_categories(dataset_dicts, dataset_names, num_classes)
+    _log_box_fixes(dataset_dicts, dataset_names, logger or logging.getLogger(__name__))

@@ -1,5 +1,5 @@
 """What every hybrid_d2 Detectron2 backbone wrapper shares: named pyramid outputs, optional output
-LayerNorms, stage freezing and the size constraint."""
+LayerNorms, stage freezing, the size constraint and the input check (H, W >= 32)."""
 
 from typing import Dict, Sequence, Tuple
 
@@ -9,9 +9,30 @@ from detectron2.layers.batch_norm import LayerNorm
 from detectron2.modeling import Backbone
 from torch import nn
 
-__all__ = ["FEATURE_NAMES", "PyramidBackbone"]
+__all__ = ["FEATURE_NAMES", "MIN_INPUT_SIZE", "PyramidBackbone", "check_input_shape"]
 
 FEATURE_NAMES = ("res2", "res3", "res4", "res5")
+# Smallest input height/width: one stride of res5 (the size_divisibility).
+MIN_INPUT_SIZE = 32
+
+
+def check_input_shape(x: torch.Tensor) -> None:
+    """Raise a ValueError unless ``x`` is an (N, 3, H, W) batch with H, W >= MIN_INPUT_SIZE."""
+    if x.dim() != 4:
+        raise ValueError(
+            f"backbone input: expected an (N, 3, H, W) batch, got a {x.dim()}-D tensor of shape "
+            f"{tuple(x.shape)}"
+        )
+    if x.shape[1] != 3:
+        raise ValueError(
+            f"backbone input: expected 3 channels (N, 3, H, W), got shape {tuple(x.shape)}"
+        )
+    height, width = x.shape[-2:]
+    if height < MIN_INPUT_SIZE or width < MIN_INPUT_SIZE:
+        raise ValueError(
+            f"backbone input of size {height}x{width} (HxW): height and width must be at least "
+            f"{MIN_INPUT_SIZE} (the stride of res5)"
+        )
 
 
 class PyramidBackbone(Backbone):
@@ -75,7 +96,12 @@ class PyramidBackbone(Backbone):
             FrozenBatchNorm2d.convert_frozen_batchnorm(module)
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """(N, 3, H, W) -> {name: (N, C_i, ceil(H / stride_i), ceil(W / stride_i))}."""
+        """(N, 3, H, W) -> {name: (N, C_i, ceil(H / stride_i), ceil(W / stride_i))}.
+
+        Raises:
+            ValueError: for a non-4D or non-RGB input, or a side below MIN_INPUT_SIZE.
+        """
+        check_input_shape(x)
         outputs = {}
         for name, feature in zip(FEATURE_NAMES, self.net(x)):
             if name in self._out_features:

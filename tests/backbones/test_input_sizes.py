@@ -1,0 +1,126 @@
+"""Input sizes: every height/width from 32 up gives res2 ... res5 of size ceil(side / stride),
+finite, in fp32 and under CPU bf16 autocast, in eval and train mode; smaller or malformed inputs
+are refused by name (PyramidBackbone.forward)."""
+
+import functools
+import math
+
+import pytest
+import torch
+from detectron2.layers import FrozenBatchNorm2d
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import randomize_batchnorms
+from hybrid_d2.backbones import D2DilateFormer, D2MixFormer
+from hybrid_d2.layers.backbone import MIN_INPUT_SIZE
+
+STRIDES = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
+SIDES = st.integers(MIN_INPUT_SIZE, 100)
+# window 7 covers the whole stage-3 map (at most 7x7 at 100 px); window 3 makes the window and
+# shifted-window blocks pad, roll and mask
+DILATE_CONFIGS = [("global", 7), ("window", 7), ("mixed", 7), ("window", 3), ("mixed", 3)]
+
+
+def randomize_frozen_batchnorms(model: torch.nn.Module) -> None:
+    """Move every FrozenBatchNorm2d's statistics and affine off their init."""
+    for m in model.modules():
+        if isinstance(m, FrozenBatchNorm2d):
+            m.running_mean.normal_(0, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.normal_(1, 0.2)
+            m.bias.normal_(0, 0.2)
+
+
+@functools.lru_cache(maxsize=None)
+def backbone(family: str, mode: str = "", window_size: int = 7):
+    """One shared instance per configuration with its default norms (MixFormer BN, DilateFormer
+    FrozenBN, as in the configs), moved off their init; callers set train/eval mode.
+
+    (DilateFormer with norm="BN" cannot train on one image of at most 32x32: the BatchNorm after
+    the res5 downsampler then sees one value per channel, which PyTorch refuses.)
+    """
+    torch.manual_seed(0)
+    if family == "mixformer":
+        model = D2MixFormer("b0", drop_path_rate=0.0)
+    else:
+        model = D2DilateFormer(
+            "tiny", stage3_attention=mode, window_size=window_size, drop_path_rate=0.0
+        )
+    randomize_batchnorms(model)
+    randomize_frozen_batchnorms(model)
+    return model
+
+
+def check_outputs(model, batch: int, height: int, width: int, train: bool, seed: int) -> None:
+    """Run fp32 and bf16-autocast forwards and check every output's shape and finiteness."""
+    model.train(train)
+    x = torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(seed))
+    buffers = [b.clone() for b in model.buffers()]  # train mode updates BatchNorm statistics
+    for bf16 in (False, True):
+        # train mode keeps autograd on (the training path), eval mode runs under no_grad
+        with torch.set_grad_enabled(train), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            outputs = model(x)
+        with torch.no_grad():
+            for buffer, saved in zip(model.buffers(), buffers):
+                buffer.copy_(saved)
+        assert list(outputs) == list(STRIDES)
+        for name, out in outputs.items():
+            stride = STRIDES[name]
+            expected = (
+                batch,
+                model.output_shape()[name].channels,
+                math.ceil(height / stride),
+                math.ceil(width / stride),
+            )
+            context = f"{name} at {height}x{width}, batch {batch}, train={train}, bf16={bf16}"
+            assert tuple(out.shape) == expected, context
+            assert torch.isfinite(out).all(), f"non-finite values in {context}"
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    height=SIDES,
+    width=SIDES,
+    batch=st.integers(1, 2),
+    train=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_mixformer_output_sizes(height, width, batch, train, seed):
+    check_outputs(backbone("mixformer"), batch, height, width, train, seed)
+
+
+@settings(max_examples=50, deadline=None)  # five configurations
+@given(
+    config=st.sampled_from(DILATE_CONFIGS),
+    height=SIDES,
+    width=SIDES,
+    batch=st.integers(1, 2),
+    train=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_dilateformer_output_sizes(config, height, width, batch, train, seed):
+    mode, window_size = config
+    check_outputs(backbone("dilateformer", mode, window_size), batch, height, width, train, seed)
+
+
+@pytest.mark.parametrize("family, mode", [("mixformer", ""), ("dilateformer", "mixed")])
+@pytest.mark.parametrize("height, width", [(31, 64), (64, 31), (31, 31), (0, 64), (64, 0)])
+def test_too_small_inputs_are_refused(family, mode, height, width):
+    model = backbone(family, mode).eval()
+    message = rf"size {height}x{width} \(HxW\).*at least {MIN_INPUT_SIZE}"
+    with pytest.raises(ValueError, match=message), torch.no_grad():
+        model(torch.zeros(1, 3, height, width))
+
+
+@pytest.mark.parametrize(
+    "shape, message",
+    [
+        ((3, 64, 64), r"\(N, 3, H, W\) batch, got a 3-D tensor of shape \(3, 64, 64\)"),
+        ((1, 1, 3, 64, 64), "got a 5-D tensor"),
+        ((1, 1, 64, 64), r"3 channels.*\(1, 1, 64, 64\)"),
+    ],
+)
+def test_malformed_inputs_are_refused(shape, message):
+    with pytest.raises(ValueError, match=message), torch.no_grad():
+        backbone("mixformer").eval()(torch.zeros(shape))

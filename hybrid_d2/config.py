@@ -75,6 +75,9 @@ def _add_solver_config(cfg: CN) -> None:
     ]
     # Layer-wise lr decay over the backbone blocks: lr * RATE ** (num_layers + 1 - layer_id).
     cfg.SOLVER.LAYER_DECAY = CN({"ENABLED": False, "RATE": 0.9})
+    # Write metrics (console, metrics.json, tensorboard) every this many iterations; also the
+    # median window of the scalars in metrics.json (1: every iteration's raw losses).
+    cfg.SOLVER.WRITER_PERIOD = 20
 
 
 def merge_config_file(cfg: CN, config_file: str, opts: Sequence[str] = ()) -> None:

@@ -1,10 +1,22 @@
-"""Loading and converting official checkpoints of the backbone families."""
+"""Loading and converting official checkpoints of the backbone families; safe training
+checkpoints and exact resuming."""
 
+from .checkpointer import CheckpointMismatchError, SafeCheckpointer
 from .dilateformer import convert_dilateformer
 from .loading import load_checkpoint_file
 from .mixformer import convert_mixformer
+from .resume import StepSeeder, seed_step
 
 # family name -> converter(official_state_dict, variant) -> (state_dict, dropped_keys)
 CONVERTERS = {"dilateformer": convert_dilateformer, "mixformer": convert_mixformer}
 
-__all__ = ["CONVERTERS", "convert_dilateformer", "convert_mixformer", "load_checkpoint_file"]
+__all__ = [
+    "CONVERTERS",
+    "CheckpointMismatchError",
+    "SafeCheckpointer",
+    "StepSeeder",
+    "convert_dilateformer",
+    "convert_mixformer",
+    "load_checkpoint_file",
+    "seed_step",
+]

@@ -48,6 +48,12 @@ def image(image_id: int, **overrides) -> dict:
 CLEAN_ANNOTATIONS = [annotation(1, 1, [4, 4, 10, 12]), annotation(2, 2, [20, 30, 8, 8], 2)]
 
 
+def _unregister(names):
+    for name in names:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+
+
 @pytest.fixture
 def coco(tmp_path):
     """make(images, annotations, write=...) -> the name of a registered COCO dataset in tmp_path;
@@ -68,9 +74,7 @@ def coco(tmp_path):
         return name
 
     yield make
-    for name in names:
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
+    _unregister(names)
 
 
 @pytest.fixture
@@ -85,9 +89,7 @@ def custom(tmp_path):
         return name
 
     yield make
-    for name in names:
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
+    _unregister(names)
 
 
 def warnings_from_guards(caplog):

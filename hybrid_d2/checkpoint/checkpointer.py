@@ -2,16 +2,14 @@
 
 import logging
 import os
-import pickle
 from collections import defaultdict
 from typing import Any, Dict, List, Optional, Set, Tuple
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.utils.file_io import PathManager
 
 from ..utils.io import atomic_output, stale_temp_files
-from .loading import _load_torch, _NumpyOnlyUnpickler
+from .loading import _load_torch, load_numpy_pickle
 
 __all__ = ["CheckpointMismatchError", "SafeCheckpointer"]
 
@@ -121,7 +119,9 @@ class SafeCheckpointer(DetectionCheckpointer):
 
     def _load_file(self, filename: str) -> Dict[str, Any]:
         if filename.endswith(".pkl"):
-            return _model_zoo_checkpoint(_load_numpy_pickle(filename), filename)
+            return _model_zoo_checkpoint(
+                load_numpy_pickle(filename, "a Detectron2 .pkl checkpoint"), filename
+            )
         if filename.endswith(".pyth"):  # pycls, as Detectron2 reads it
             data = _load_torch(filename)
             if not isinstance(data, dict) or "model_state" not in data:
@@ -169,25 +169,14 @@ def _check_finite(state_dict: Dict[str, torch.Tensor], basename: str) -> None:
         )
 
 
-def _load_numpy_pickle(path: str) -> Any:
-    with PathManager.open(path, "rb") as f:
-        try:
-            return _NumpyOnlyUnpickler(f, encoding="latin1").load()
-        except pickle.UnpicklingError as e:
-            raise pickle.UnpicklingError(
-                f"{path}: refusing to unpickle, it needs more than numpy arrays to load ({e}); "
-                "a Detectron2 .pkl checkpoint should be a pickled dict of numpy arrays"
-            ) from e
-
-
 def _model_zoo_checkpoint(data: Any, path: str) -> Dict[str, Any]:
     """Detectron2's reading of a .pkl: a Detectron2 model zoo dict, or Caffe2 blobs."""
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a pickled dict, got {type(data).__name__}")
-    if isinstance(data, dict) and "model" in data and "__author__" in data:
+    if "model" in data and "__author__" in data:
         logging.getLogger(__name__).info(f"Reading a file from '{data['__author__']}'")
         return data
-    if isinstance(data, dict) and "blobs" in data:
+    if "blobs" in data:
         data = data["blobs"]
     data = {k: v for k, v in data.items() if not k.endswith("_momentum")}
     return {"model": data, "__author__": "Caffe2", "matching_heuristics": True}

@@ -2,7 +2,7 @@
 
 import os
 import pickle
-from typing import Dict
+from typing import Any, Dict
 
 import numpy as np
 import torch
@@ -30,14 +30,17 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def _load_paddle(path: str) -> dict:
+def load_numpy_pickle(path: str, expected: str) -> Any:
+    """Unpickle a file that may only contain numpy arrays and plain containers (Paddle
+    ``.pdparams``, Detectron2 model zoo ``.pkl``, Python 2 pickles included); ``expected`` names
+    what the file should be, for the error raised when it needs more."""
     with open(path, "rb") as f:
         try:
-            return _NumpyOnlyUnpickler(f).load()
+            return _NumpyOnlyUnpickler(f, encoding="latin1").load()
         except pickle.UnpicklingError as e:
             raise pickle.UnpicklingError(
                 f"{path}: refusing to unpickle, it needs more than numpy arrays to load ({e}); "
-                "a .pdparams file should be a pickled dict of numpy arrays"
+                f"{expected} should be a pickled dict of numpy arrays"
             ) from e
 
 
@@ -80,7 +83,10 @@ def load_checkpoint_file(path: str, use_ema: bool = False) -> Dict[str, torch.Te
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
-    checkpoint = _load_paddle(path) if path.endswith(".pdparams") else _load_torch(path)
+    if path.endswith(".pdparams"):
+        checkpoint = load_numpy_pickle(path, "a .pdparams file")
+    else:
+        checkpoint = _load_torch(path)
     state_dict = _pick_state_dict(checkpoint, path, use_ema)
     tensors = {}
     for name, value in state_dict.items():

@@ -13,21 +13,20 @@ continues exactly where the last checkpoint left off (same data, augmentations a
 """
 import logging
 import os
+import sys
 import weakref
-from typing import Optional
+from typing import Dict, List, Optional
 
 import torch
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import (
     AMPTrainer,
     DefaultTrainer,
     SimpleTrainer,
     TrainerBase,
-    default_argument_parser,
     default_setup,
     hooks,
-    launch,
 )
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
@@ -36,14 +35,27 @@ from detectron2.utils.file_io import PathManager
 from fvcore.nn.precise_bn import get_bn_modules
 from torch.nn.parallel import DistributedDataParallel
 
-from hybrid_d2 import add_hybrid_config
-from hybrid_d2.checkpoint import SafeCheckpointer, StepSeeder
-from hybrid_d2.config import merge_config_file
+from hybrid_d2 import get_config
+from hybrid_d2.checkpoint import (
+    RunningStateGatherer,
+    SafeCheckpointer,
+    StepSeeder,
+    restore_running_states,
+)
 from hybrid_d2.data import DatasetMapper, check_dataset_files
 from hybrid_d2.data.resumable import (
     SEEKABLE_SAMPLERS,
     build_resumable_train_loader,
     training_seed,
+)
+from hybrid_d2.engine import (
+    USER_ERRORS,
+    OutputDirLock,
+    UsageError,
+    check_run_config,
+    launch_workers,
+    parse_train_args,
+    share_cpu_cores,
 )
 from hybrid_d2.evaluation import build_evaluator
 from hybrid_d2.solver import build_optimizer
@@ -60,7 +72,9 @@ class Trainer(DefaultTrainer):
       iteration failed (e.g. the FloatingPointError of a NaN loss);
     * exact resume: the run's seed (``SEED``, or one drawn at the first start) is saved in the
       checkpoint; the training stream is seekable (``hybrid_d2.data.resumable``) and is set to the
-      resumed iteration before the first step; :class:`StepSeeder` seeds each iteration.
+      resumed iteration before the first step; :class:`StepSeeder` seeds each iteration; every
+      process's running statistics that Detectron2 keeps outside the state dict (RetinaNet's loss
+      normalizer) are gathered into each checkpoint (:class:`RunningStateGatherer`).
     """
 
     def __init__(self, cfg: CfgNode):
@@ -85,6 +99,8 @@ class Trainer(DefaultTrainer):
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self._failed_iter: Optional[int] = None  # the iteration being run, until it completed
+        # every rank's running_state (e.g. RetinaNet's loss normalizer) at the last checkpoint
+        self.running_states: Optional[List[Dict[str, float]]] = None
         self.register_hooks(self.build_hooks())
 
     def resume_or_load(self, resume: bool = True) -> None:
@@ -101,20 +117,30 @@ class Trainer(DefaultTrainer):
 
     def train(self):
         """DefaultTrainer's; a run resumed after its last iteration (killed while saving
-        model_final) writes the missing model_final from the last checkpoint first."""
+        model_final) writes the missing model_final from the last checkpoint first.
+
+        TorchScript functions (Detectron2's focal loss) run unoptimized: TorchScript optimizes a
+        function after its first calls, which changes its rounding, so that a resumed run would
+        compute its first iterations differently from the uninterrupted run."""
         final = os.path.join(self.cfg.OUTPUT_DIR, "model_final.pth")
         finished = self.start_iter >= self.max_iter and self.checkpointer.has_checkpoint()
         if finished and comm.is_main_process() and not os.path.exists(final):
             self.checkpointer.save("model_final", iteration=self.iter)
-        return super().train()
+        with torch.jit.optimized_execution(False):
+            return super().train()
 
     def state_dict(self) -> dict:
         state = super().state_dict()
         state["seed"] = self.seed
+        if self.running_states is not None:
+            state["running_states"] = self.running_states
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
+        if "running_states" in state_dict:
+            self.running_states = state_dict["running_states"]
+            restore_running_states(self.model, self.running_states)
         if "seed" not in state_dict:
             logger.warning(f"The checkpoint has no seed; resuming with seed {self.seed}.")
             return
@@ -158,6 +184,7 @@ class Trainer(DefaultTrainer):
             )
         ret = [StepSeeder(), hooks.IterationTimer(), hooks.LRScheduler(), precise_bn]
         ret.append(hooks.EvalHook(cfg.TEST.EVAL_PERIOD, self._test_and_save_results))
+        ret.append(RunningStateGatherer(cfg.SOLVER.CHECKPOINT_PERIOD, self.max_iter))
         if comm.is_main_process():
             ret.append(hooks.PeriodicWriter(self.build_writers(), period=cfg.SOLVER.WRITER_PERIOD))
             ret.append(hooks.PeriodicCheckpointer(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD))
@@ -223,18 +250,29 @@ def _drop_partial_last_line(path: str) -> None:
             f.truncate(data.rfind(b"\n") + 1)
 
 
-def setup(args) -> CfgNode:
+def build_config(args) -> CfgNode:
     """Config from defaults + hybrid_d2 keys + the yaml + command-line overrides."""
-    cfg = get_cfg()
-    add_hybrid_config(cfg)
-    merge_config_file(cfg, args.config_file, args.opts)
+    cfg = get_config(args.config_file, args.opts)
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(
+        raise UsageError(
             f"MODEL.DEVICE={cfg.MODEL.DEVICE!r} but CUDA is not available; "
             "add `MODEL.DEVICE cpu` to the command line"
         )
     cfg.freeze()
+    return cfg
+
+
+def setup(args) -> CfgNode:
+    """The config, then Detectron2's logging, config dump and seeding, and each CPU process's
+    share of the cores."""
+    cfg = build_config(args)
     default_setup(cfg, args)
+    threads = share_cpu_cores(cfg)
+    if threads is not None:
+        logger.info(
+            f"{threads} threads per process: {comm.get_local_size()} CPU processes share "
+            "this machine's cores (set OMP_NUM_THREADS to choose)"
+        )
     return cfg
 
 
@@ -256,14 +294,24 @@ def main(args):
     return trainer.train()
 
 
-if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
+def run(argv=None) -> int:
+    """Check the command line, config and OUTPUT_DIR (one line and exit status 2 on a problem),
+    hold OUTPUT_DIR for this run, then start the processes."""
+    args = parse_train_args(argv)
     logging.getLogger("detectron2").info("Command Line Args: %s", args)
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    try:
+        cfg = build_config(args)
+        check_run_config(cfg, args.eval_only)
+        lock = OutputDirLock(cfg.OUTPUT_DIR) if args.machine_rank == 0 else None
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        return launch_workers(main, args)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+if __name__ == "__main__":
+    sys.exit(run())

@@ -22,10 +22,10 @@ import cv2
 import numpy as np
 import torch
 import tqdm
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 
-from hybrid_d2 import add_hybrid_config
-from hybrid_d2.config import merge_config_file
+from hybrid_d2 import get_config
+from hybrid_d2.engine import USER_ERRORS, UsageError
 from hybrid_d2.utils import atomic_output
 from predictor import IMAGE_EXTENSIONS, InputError, VisualizationPredictor, display_problem, read_image
 
@@ -64,19 +64,17 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def setup_cfg(args: argparse.Namespace) -> CfgNode:
     """Config from the defaults, hybrid_d2's keys, the yaml, --opts and --confidence-threshold."""
-    cfg = get_cfg()
-    add_hybrid_config(cfg)
-    merge_config_file(cfg, args.config_file, args.opts)
+    cfg = get_config(args.config_file, args.opts)
     cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = args.confidence_threshold
     cfg.MODEL.RETINANET.SCORE_THRESH_TEST = args.confidence_threshold
     cfg.MODEL.PANOPTIC_FPN.COMBINE.INSTANCES_CONFIDENCE_THRESH = args.confidence_threshold
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(
+        raise UsageError(
             f"MODEL.DEVICE={cfg.MODEL.DEVICE!r} but CUDA is not available; use --opts MODEL.DEVICE cpu"
         )
     weights = cfg.MODEL.WEIGHTS
     if weights and "://" not in weights and not os.path.isfile(weights):
-        raise FileNotFoundError(f"MODEL.WEIGHTS file not found: {weights}")
+        raise UsageError(f"MODEL.WEIGHTS file not found: {weights}")
     cfg.freeze()
     return cfg
 
@@ -341,10 +339,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 2
     try:
         cfg = setup_cfg(args)
-    except (FileNotFoundError, KeyError, RuntimeError) as e:
+        predictor = VisualizationPredictor(cfg)
+    except USER_ERRORS as e:
         print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
-    predictor = VisualizationPredictor(cfg)
     try:
         if args.input:
             return run_images(predictor, args.input, args.output)

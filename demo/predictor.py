@@ -11,9 +11,10 @@ import numpy as np
 from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog
 from detectron2.data import transforms as T
-from detectron2.engine import DefaultPredictor
 from detectron2.structures import Instances
 from detectron2.utils.visualizer import ColorMode, Visualizer
+
+from hybrid_d2.engine import SafePredictor
 
 IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
 
@@ -83,11 +84,12 @@ def display_problem(build_information: Optional[str] = None) -> Optional[str]:
 
 
 class VisualizationPredictor:
-    """A DefaultPredictor whose predictions come back drawn on the input with the Visualizer,
-    in the class colours of the metadata of cfg.DATASETS.TEST[0]."""
+    """A predictor whose predictions come back drawn on the input with the Visualizer, in the
+    class colours of the metadata of cfg.DATASETS.TEST[0]. The weights load as in train_net.py
+    (SafePredictor): a checkpoint that does not fit the config is refused."""
 
     def __init__(self, cfg: CfgNode):
-        self.predictor = DefaultPredictor(cfg)
+        self.predictor = SafePredictor(cfg)
         self.metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
         self.min_size, self.max_size = cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST
 

@@ -3,7 +3,7 @@
 Importing it registers the backbone builders (BACKBONE_REGISTRY) and the shapes datasets.
 """
 from . import backbones, data  # noqa: F401
-from .config import add_hybrid_config
+from .config import add_hybrid_config, get_config
 
 __version__ = "0.1.0"
-__all__ = ["add_hybrid_config"]
+__all__ = ["add_hybrid_config", "get_config"]

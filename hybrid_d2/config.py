@@ -4,7 +4,9 @@ import os
 import re
 from typing import Sequence
 
+import yaml
 from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
 
 
 def add_hybrid_config(cfg: CN) -> None:
@@ -80,21 +82,52 @@ def _add_solver_config(cfg: CN) -> None:
     cfg.SOLVER.WRITER_PERIOD = 20
 
 
+def get_config(config_file: str, opts: Sequence[str] = ()) -> CN:
+    """Detectron2's defaults plus hybrid_d2's keys, merged with a yaml file (``_BASE_`` included)
+    and ``KEY VALUE`` overrides; see :func:`merge_config_file` for the errors."""
+    cfg = get_cfg()
+    add_hybrid_config(cfg)
+    merge_config_file(cfg, config_file, opts)
+    return cfg
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the file (and line)."""
+
+
 def merge_config_file(cfg: CN, config_file: str, opts: Sequence[str] = ()) -> None:
     """Merge a yaml file (with ``_BASE_`` inheritance) and ``KEY VALUE`` overrides into cfg.
 
-    An unknown key raises a KeyError naming the file, the key and the closest known keys.
+    Raises:
+        ConfigError: a missing file, a YAML syntax error (file and line), a YAML tag that safe
+            loading refuses, an unknown key (with the closest known keys) or a value of the wrong
+            type, each naming the file or the command line.
     """
     if not os.path.isfile(config_file):
-        raise FileNotFoundError(f"Config file not found: {config_file}")
+        raise ConfigError(f"config file not found: {config_file}")
     try:
-        cfg.merge_from_file(config_file)
+        cfg.merge_from_file(config_file, allow_unsafe=False)  # no yaml.unsafe_load fallback
+    except yaml.YAMLError as e:
+        raise ConfigError(_yaml_error_message(config_file, e)) from None
     except KeyError as e:
-        raise KeyError(_unknown_key_message(cfg, config_file, str(e))) from None
+        raise ConfigError(_unknown_key_message(cfg, config_file, str(e))) from None
+    except (ValueError, AssertionError) as e:
+        raise ConfigError(f"{config_file}: {e}") from None
     try:
         cfg.merge_from_list(list(opts))
     except (KeyError, AssertionError) as e:  # yacs asserts on unknown keys from a list
-        raise KeyError(_unknown_key_message(cfg, "command line", str(e))) from None
+        raise ConfigError(_unknown_key_message(cfg, "command line", str(e))) from None
+    except ValueError as e:
+        raise ConfigError(f"command line: {e}") from None
+
+
+def _yaml_error_message(config_file: str, error: yaml.YAMLError) -> str:
+    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    if mark is None:
+        return f"{config_file}: invalid YAML: {problem}"
+    name = mark.name if mark.name and not mark.name.startswith("<") else config_file
+    return f"{name}:{mark.line + 1}:{mark.column + 1}: invalid YAML: {problem}"
 
 
 def _unknown_key_message(cfg: CN, source: str, error: str) -> str:

@@ -65,12 +65,6 @@ def shapes_datasets(datasets_root) -> Path:
 
 def load_config(path, opts=()):
     """A config file merged over Detectron2's and hybrid_d2's defaults, on CPU."""
-    from detectron2.config import get_cfg
+    from hybrid_d2 import get_config
 
-    from hybrid_d2 import add_hybrid_config
-    from hybrid_d2.config import merge_config_file
-
-    cfg = get_cfg()
-    add_hybrid_config(cfg)
-    merge_config_file(cfg, str(path), ["MODEL.DEVICE", "cpu", *opts])
-    return cfg
+    return get_config(str(path), ["MODEL.DEVICE", "cpu", *opts])

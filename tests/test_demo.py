@@ -193,6 +193,34 @@ def test_setup_errors(demo, inputs, tmp_path, monkeypatch, capsys, opts, message
     assert message in capsys.readouterr().err
 
 
+def test_weights_load_as_train_net_loads_them(demo, inputs, tmp_path, capsys):
+    """The demo's loader is train_net.py's: a DilateFormer checkpoint into the MixFormer config
+    and a file that is not a checkpoint are refused in one line, exit status 2, nothing drawn."""
+    import torch
+    from detectron2.modeling import build_model
+
+    from conftest import load_config
+
+    other = load_config(
+        SHAPES_CONFIG,
+        ["MODEL.FPN.BOTTOM_UP", "build_dilateformer_backbone", "MODEL.DILATEFORMER.VARIANT", "tiny"],
+    )
+    dilateformer = tmp_path / "dilateformer.pth"
+    torch.save({"model": build_model(other).state_dict()}, dilateformer)
+    text = tmp_path / "weights.txt"
+    text.write_text("not a checkpoint")
+    for weights, message in [
+        (dilateformer, f"error: {dilateformer}: the checkpoint does not fit the model"),
+        (text, f"error: {text}: not a PyTorch checkpoint"),
+    ]:
+        output = tmp_path / "out"
+        argv = ["--input", str(inputs / "color.png"), "--output", str(output)]
+        assert demo.main([*argv, *demo_args(opts=["MODEL.WEIGHTS", str(weights)])]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(message), err[-2000:]
+        assert not output.exists()
+
+
 def test_images_good_awkward_and_bad(run_demo, inputs, tmp_path):
     out = tmp_path / "out"  # no extension: a folder, created
     bad = ["empty.png", "corrupt.jpg", "missing.png", "sliver.png"]

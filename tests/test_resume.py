@@ -1,6 +1,7 @@
 """Exact resume: the seekable training stream continues any iteration's batches, and a training
 run SIGKILLed several times (in the middle of checkpoint saves too) and resumed with --resume ends
 with the losses and weights of an uninterrupted run."""
+import functools
 import importlib.util
 import json
 import os
@@ -11,7 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from detectron2.data.samplers import RepeatFactorTrainingSampler
 
 from conftest import REPO_ROOT, SHAPES_CONFIG, load_config
 from hybrid_d2.data.resumable import ResumableTrainLoader, _EpochOrder
+from hybrid_d2.engine.launch import LOCK_FILE_NAME
 
 MAX_ITER = 10
 TINY = [
@@ -39,7 +41,15 @@ TIMEOUT = 180  # seconds, per launch
 LOSS_KEYS = re.compile(r"^(total_loss|loss_\w+|lr)$")
 
 
-def _launch(out: Path, log: Path, datasets_root: Path, resume: bool) -> subprocess.Popen:
+def _launch(
+    out: Path,
+    log: Path,
+    datasets_root: Path,
+    resume: bool,
+    config: Path = SHAPES_CONFIG,
+    processes: int = 1,
+    overrides: Sequence = TINY,
+) -> subprocess.Popen:
     """train_net.py in its own process group (so that a kill takes its data workers along)."""
     env = dict(
         os.environ,
@@ -48,11 +58,11 @@ def _launch(out: Path, log: Path, datasets_root: Path, resume: bool) -> subproce
         OMP_NUM_THREADS="1",  # one thread: reductions in a fixed order
         MKL_NUM_THREADS="1",
     )
-    args = ["--num-gpus", 1, "--config-file", SHAPES_CONFIG, *(["--resume"] if resume else [])]
+    args = ["--num-gpus", processes, "--config-file", config, *(["--resume"] if resume else [])]
     with open(log, "w") as f:
         return subprocess.Popen(
-            [sys.executable, str(REPO_ROOT / "train_net.py"), *map(str, args), *map(str, TINY),
-             "OUTPUT_DIR", str(out)],
+            [sys.executable, str(REPO_ROOT / "train_net.py"), *map(str, args),
+             *map(str, overrides), "OUTPUT_DIR", str(out)],
             cwd=REPO_ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
         )
 
@@ -75,7 +85,10 @@ def _kill(proc: subprocess.Popen) -> None:
 
 
 def _temp_checkpoints(out: Path) -> List[str]:
-    return sorted(p.name for p in out.iterdir() if p.name.startswith("."))
+    """The temporary files of checkpoint saves (hidden files other than the run's lock)."""
+    return sorted(
+        p.name for p in out.iterdir() if p.name.startswith(".") and p.name != LOCK_FILE_NAME
+    )
 
 
 def _kill_during_save(proc: subprocess.Popen, out: Path, log: Path, name: str) -> bool:
@@ -179,20 +192,72 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(reference, datasets_roo
     assert not _temp_checkpoints(out)
     assert (out / "last_checkpoint").read_text().strip() == "model_final.pth"
 
+    _check_same_run(out, reference, MAX_ITER, f"{context}, starts {starts}")
+
+
+def _check_same_run(out: Path, reference: Path, max_iter: int, context: str) -> None:
+    """Every iteration's losses and lr within 1e-6 and bitwise equal final weights."""
     expected, got = _losses(reference), _losses(out)
-    assert sorted(got) == sorted(expected) == list(range(MAX_ITER))
+    assert sorted(got) == sorted(expected) == list(range(max_iter))
     for iteration, values in expected.items():
         assert got[iteration].keys() == values.keys()
         for key, value in values.items():
             assert got[iteration][key] == pytest.approx(value, abs=1e-6, rel=0), (
-                f"iteration {iteration} {key}: {got[iteration][key]} != {value} ({context}, "
-                f"starts {starts})"
+                f"iteration {iteration} {key}: {got[iteration][key]} != {value} ({context})"
             )
     final = torch.load(out / "model_final.pth", weights_only=True)["model"]
     final_reference = torch.load(reference / "model_final.pth", weights_only=True)["model"]
     assert final.keys() == final_reference.keys()
     different = [k for k in final if not torch.equal(final[k], final_reference[k])]
     assert not different, different[:10]
+
+
+# One short run per framework: 4 iterations, checkpoints after iterations 1 and 3 (final).
+FRAMEWORK_CONFIGS = {
+    "retinanet": "mixformer_b1_retinanet_shapes.yaml",
+    "mask_rcnn": "mixformer_b1_mask_rcnn_shapes.yaml",
+    "cascade": "mixformer_b1_cascade_mask_rcnn_shapes.yaml",
+    "keypoint": "mixformer_b1_keypoint_rcnn_shapes.yaml",
+    "lvis": "mixformer_b1_lvis_mask_rcnn_shapes.yaml",  # RepeatFactorTrainingSampler
+}
+SHORT_MAX_ITER = 4
+SHORT = [
+    "SOLVER.IMS_PER_BATCH", 2,  # 1 image per process with 2 processes
+    "INPUT.MIN_SIZE_TRAIN", "(96,)",
+    "INPUT.MAX_SIZE_TRAIN", 160,
+    "DATALOADER.NUM_WORKERS", 0,
+    "SOLVER.CHECKPOINT_PERIOD", 2,
+    "SOLVER.WRITER_PERIOD", 1,
+    "TEST.EVAL_PERIOD", 0,
+    "DATASETS.TEST", "()",
+    "SOLVER.MAX_ITER", SHORT_MAX_ITER,
+    "SEED", 7,
+]
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+@pytest.mark.parametrize("framework", sorted(FRAMEWORK_CONFIGS))
+def test_every_framework_resumes_exactly(framework, processes, shapes_datasets, tmp_path):
+    """Killed (the whole process group) after iteration 2, before checkpoint 3, and resumed from
+    checkpoint 1: iterations 2-3 must repeat the uninterrupted run's, with every process's
+    running statistics (RetinaNet's loss normalizer) restored."""
+    config = REPO_ROOT / "configs/shapes" / FRAMEWORK_CONFIGS[framework]
+    launch = functools.partial(
+        _launch, datasets_root=shapes_datasets, config=config, processes=processes,
+        overrides=SHORT,
+    )
+    reference, out = tmp_path / "reference", tmp_path / "killed"
+    proc = launch(reference, tmp_path / "reference.log", resume=False)
+    assert proc.wait(timeout=TIMEOUT) == 0, (tmp_path / "reference.log").read_text()[-5000:]
+    proc = launch(out, tmp_path / "killed.log", resume=False)
+    assert _wait_for(proc, tmp_path / "killed.log", r"\biter: 2\b"), "run ended before iteration 2"
+    if proc.poll() is None:
+        _kill(proc)
+    assert (out / "last_checkpoint").read_text().strip() == "model_0000001.pth"
+    proc = launch(out, tmp_path / "resumed.log", resume=True)
+    assert proc.wait(timeout=TIMEOUT) == 0, (tmp_path / "resumed.log").read_text()[-5000:]
+    assert "Starting training from iteration 2" in (tmp_path / "resumed.log").read_text()
+    _check_same_run(out, reference, SHORT_MAX_ITER, f"{framework}, {processes} processes")
 
 
 # --- the seekable stream, in-process ---------------------------------------------------------

@@ -1,11 +1,17 @@
 """train_net.py end to end on the shapes data: training, evaluation, multi-process, bad input."""
 import json
+import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
-from conftest import SHAPES_CONFIG, run_script
+from conftest import REPO_ROOT, SHAPES_CONFIG, run_script
 
 # A tiny but complete run: one iteration, then COCOEvaluator over shapes_val at a small size.
 TINY = [
@@ -65,7 +71,9 @@ def test_eval_only_reproduces_the_final_evaluation(one_step_run, datasets_root, 
     assert _copypaste_metrics(log) == _copypaste_metrics(train_log)
 
 
-def test_two_cpu_processes_with_gloo(datasets_root, tmp_path):
+def test_two_cpu_processes_with_gloo(datasets_root, tmp_path, monkeypatch):
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # the user sets no thread count
+        monkeypatch.delenv(name, raising=False)
     log = _check(run_script(
         "train_net.py",
         ["--config-file", SHAPES_CONFIG, "--num-gpus", 2, *TINY,
@@ -73,6 +81,8 @@ def test_two_cpu_processes_with_gloo(datasets_root, tmp_path):
         datasets_root,
     ))
     assert "World size: 2" in log
+    threads = max(1, len(os.sched_getaffinity(0)) // 2)
+    assert f"{threads} threads per process: 2 CPU processes share this machine's cores" in log
     assert (tmp_path / "model_final.pth").is_file()
 
 
@@ -116,3 +126,134 @@ def test_corrupt_image_in_a_dataset_is_named(datasets_root, tmp_path):
     )
     assert result.returncode != 0
     assert re.search(r"Image \S+/shapes/train/\S+\.png of dataset record image_id=\d+ cannot be decoded", result.stderr), result.stderr[-3000:]
+
+
+# --- one-line errors before any work --------------------------------------------------------
+
+
+def _error_line(result) -> str:
+    """The run's error, which must be one line on stderr starting with "error: "."""
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    return errors[0]
+
+
+def test_bad_weights_config_and_output_dir_fail_in_one_line(datasets_root, tmp_path):
+    text = tmp_path / "weights.txt"
+    text.write_text("not a checkpoint\n")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(f'_BASE_: "{SHAPES_CONFIG}"\nSOLVER:\n  MAX_ITER: [1\n')
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    cases = [
+        (["--config-file", SHAPES_CONFIG, "MODEL.WEIGHTS", text],
+         f"error: {text}: not a PyTorch checkpoint"),
+        (["--config-file", broken], f"error: {broken}:4:1: invalid YAML"),
+        (["--config-file", SHAPES_CONFIG, "SOLVER.MAX_ITER", 0],
+         "error: SOLVER.MAX_ITER=0: training needs at least 1 iteration"),
+        (["--config-file", SHAPES_CONFIG, "SOLVER.MAX_ITER", -5],
+         "error: SOLVER.MAX_ITER=-5: training needs at least 1 iteration"),
+        (["--config-file", SHAPES_CONFIG, "OUTPUT_DIR", blocker / "out"],
+         f"error: OUTPUT_DIR '{blocker / 'out'}' cannot be written: Not a directory"),
+    ]
+    for args, message in cases:
+        out = tmp_path / "out"
+        opts = [] if "OUTPUT_DIR" in args else ["OUTPUT_DIR", out]
+        result = run_script("train_net.py", [*args, *opts], datasets_root)
+        assert result.returncode == 2, (args, result.stderr[-3000:])
+        assert _error_line(result).startswith(message), (message, result.stderr[-2000:])
+        assert not (out / "log.txt").exists()  # refused before any work
+
+
+def test_checkpoint_of_another_family_is_refused_in_one_line(datasets_root, tmp_path):
+    """A DilateFormer checkpoint into the MixFormer config: refused with exit status 2."""
+    import torch
+
+    from conftest import load_config
+    from detectron2.modeling import build_model
+
+    config = "configs/shapes/mixformer_b1_mask_rcnn_shapes.yaml"
+    other = load_config(
+        SHAPES_CONFIG,
+        ["MODEL.FPN.BOTTOM_UP", "build_dilateformer_backbone", "MODEL.DILATEFORMER.VARIANT", "tiny"],
+    )
+    weights = tmp_path / "dilateformer.pth"
+    torch.save({"model": build_model(other).state_dict()}, weights)
+    result = run_script(
+        "train_net.py",
+        ["--config-file", config, "--eval-only", *TINY, "MODEL.WEIGHTS", weights,
+         "OUTPUT_DIR", tmp_path / "out"],
+        datasets_root,
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "the checkpoint does not fit the model" in _error_line(result)
+
+
+# --- processes: ranks die with the launcher, one run per OUTPUT_DIR, CPU threads ------------
+
+
+def _children(pid: int) -> list:
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in children.read_text().split()] if children.exists() else []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_killed_launcher_takes_its_ranks_along_and_frees_the_output_dir(datasets_root, tmp_path):
+    out = tmp_path / "out"
+    env = dict(os.environ, DETECTRON2_DATASETS=str(datasets_root), PYTHONUNBUFFERED="1")
+    log = tmp_path / "launcher.log"
+    with open(log, "w") as f:
+        launcher = subprocess.Popen(
+            [sys.executable, str(REPO_ROOT / "train_net.py"), "--config-file", str(SHAPES_CONFIG),
+             "--num-gpus", "2", *map(str, TINY), "SOLVER.MAX_ITER", "10000",
+             "DATASETS.TEST", "()", "OUTPUT_DIR", str(out)],
+            cwd=REPO_ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 300
+        while "Starting training from iteration 0" not in log.read_text():
+            assert launcher.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        ranks = _children(launcher.pid)
+        assert len([p for p in ranks if _alive(p)]) >= 2
+
+        second = run_script("train_net.py", ["--config-file", SHAPES_CONFIG, "OUTPUT_DIR", out], datasets_root)
+        assert second.returncode == 2
+        assert f"is in use by another run (pid {launcher.pid})" in _error_line(second)
+
+        os.kill(launcher.pid, signal.SIGKILL)
+        launcher.wait()
+        deadline = time.monotonic() + 30
+        while any(_alive(p) for p in ranks) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [p for p in ranks if _alive(p)], "rank processes outlived their launcher"
+    finally:
+        os.killpg(launcher.pid, signal.SIGKILL)
+    assert not (out / "model_final.pth").exists()
+
+    # the directory is free again; --resume may also follow the KEY VALUE overrides
+    third = run_script(
+        "train_net.py",
+        ["--config-file", SHAPES_CONFIG, *TINY, "SOLVER.MAX_ITER", 1, "DATASETS.TEST", "()",
+         "OUTPUT_DIR", out, "--resume"],
+        datasets_root,
+    )
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert (out / "model_final.pth").is_file()
+
+
+def test_flags_after_the_overrides(datasets_root, tmp_path):
+    result = run_script(
+        "train_net.py",
+        ["--config-file", SHAPES_CONFIG, "OUTPUT_DIR", tmp_path, "--num-gpus", 2],
+        datasets_root,
+    )
+    assert result.returncode == 2
+    assert "--num-gpus after the KEY VALUE overrides: put it before them" in result.stderr

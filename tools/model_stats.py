@@ -13,20 +13,16 @@ import sys
 from typing import Dict, List
 
 import torch
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 from detectron2.modeling import build_model
 from fvcore.nn import parameter_count
 
-from hybrid_d2 import add_hybrid_config
-from hybrid_d2.config import merge_config_file
+from hybrid_d2 import get_config
 from hybrid_d2.layers import flop_count_analysis
 
 
 def load_config(path: str, opts: List[str] = ()) -> CfgNode:
-    cfg = get_cfg()
-    add_hybrid_config(cfg)
-    merge_config_file(cfg, path, ["MODEL.DEVICE", "cpu", *opts])
-    return cfg
+    return get_config(path, ["MODEL.DEVICE", "cpu", *opts])
 
 
 def model_stats(cfg: CfgNode, flops_size=None) -> Dict[str, float]:

@@ -4,6 +4,7 @@ import logging
 import os
 from collections import defaultdict
 from typing import Any, Dict, List, Optional, Set, Tuple
+from urllib.parse import urlparse
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -38,7 +39,8 @@ class SafeCheckpointer(DetectionCheckpointer):
 
     Loading:
 
-    * ``.pth`` (and pycls ``.pyth``) files are read with ``torch.load(weights_only=True)``;
+    * ``.pth`` (and pycls ``.pyth``) files are read with ``torch.load(weights_only=True)``
+      (plus ``argparse.Namespace``, which official training scripts store as ``args``);
       Detectron2 / Caffe2 ``.pkl`` files with an unpickler that only rebuilds numpy arrays. A
       file that needs to run code is refused with an ``UnpicklingError`` naming it;
     * a backbone tensor whose shape differs from the model's, a backbone tensor the model does
@@ -48,7 +50,10 @@ class SafeCheckpointer(DetectionCheckpointer):
       only warn about and half-load. Head tensors keep Detectron2's behaviour (a warning, the
       model's init kept) so that fine-tuning to another number of classes works. When resuming
       (``load`` restoring the checkpointables, e.g. the trainer's state), any shape mismatch
-      raises: a run resumes only from its own checkpoints.
+      raises: a run resumes only from its own checkpoints;
+    * ``num_batches_tracked`` counters of norms that the model builds without one (FrozenBN) are
+      dropped: they carry no weights;
+    * an unreadable file (text, truncated) raises a ``CheckpointLoadError`` naming it.
     """
 
     def __init__(self, model, save_dir: str = "", **kwargs: Any):
@@ -136,6 +141,15 @@ class SafeCheckpointer(DetectionCheckpointer):
             return {"model": model, "__author__": "pycls", "matching_heuristics": True}
         return super()._load_file(filename)  # calls _torch_load for everything else
 
+    def read(self, path: str) -> Dict[str, Any]:
+        """Read a local checkpoint file as :meth:`load` does, without loading it into the model
+        (to check a file before anything else starts)."""
+        self._parsed_url_during_load = urlparse(path)  # what load() sets for _load_file
+        try:
+            return self._load_file(path)
+        finally:
+            self._parsed_url_during_load = None
+
     def _torch_load(self, f: str) -> Dict[str, Any]:
         data = _load_torch(f)
         if not isinstance(data, dict):
@@ -144,6 +158,7 @@ class SafeCheckpointer(DetectionCheckpointer):
 
     def _load_model(self, checkpoint: Any):
         model_keys = list(self.model.state_dict())
+        _drop_foreign_batch_counters(checkpoint["model"], set(model_keys))
         incompatible = super()._load_model(checkpoint)
         problems = _mismatch_lines(incompatible, model_keys, strict_shapes=self._resuming)
         if problems:
@@ -153,6 +168,18 @@ class SafeCheckpointer(DetectionCheckpointer):
                 "values:\n" + "\n".join(problems)
             )
         return incompatible
+
+
+def _drop_foreign_batch_counters(state_dict: Dict[str, Any], model_keys: Set[str]) -> None:
+    """Remove the ``num_batches_tracked`` counters the model has no place for.
+
+    A BatchNorm's counter only serves its momentum-free mode; weights trained with BatchNorm
+    (official ImageNet checkpoints, a BN run of ours) carry one per norm, which a model built with
+    FrozenBN (the detection default) does not have: loading must not report them as unexpected.
+    """
+    for key in [k for k in state_dict if k.endswith(".num_batches_tracked")]:
+        if key not in model_keys and key.removeprefix("module.") not in model_keys:
+            del state_dict[key]
 
 
 def _check_finite(state_dict: Dict[str, torch.Tensor], basename: str) -> None:

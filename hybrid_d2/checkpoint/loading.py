@@ -1,5 +1,6 @@
 """Read official checkpoints safely: PyTorch files and PaddlePaddle ``.pdparams`` pickles."""
 
+import argparse
 import os
 import pickle
 from typing import Any, Dict
@@ -11,23 +12,34 @@ import torch
 _PADDLE_NAME_TABLE = "StructuredToParameterName@@"
 
 # The only globals a pickle of {name: numpy array} needs; none of them runs arbitrary code.
+# numpy >= 2 pickles name ``numpy._core``, older ones ``numpy.core``: both are read by either.
 _NUMPY_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"),
     ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"),  # protocol-5 pickles
     ("numpy", "ndarray"),
     ("numpy", "dtype"),
     ("_codecs", "encode"),  # bytes in protocol-2 pickles
     ("collections", "OrderedDict"),
 }
+_NUMPY_CORE = "numpy._core" if np.lib.NumpyVersion(np.__version__) >= "2.0.0" else "numpy.core"
+
+# What official training scripts store next to the weights besides tensors and plain containers:
+# DeiT/ConvNeXt-style ``main.py`` scripts (DilateFormer, Dynamic Mobile-Former) save their
+# command line as an ``argparse.Namespace`` under ``args``. A Namespace only holds attributes.
+SAFE_CHECKPOINT_GLOBALS = (argparse.Namespace,)
+
+
+class CheckpointLoadError(ValueError):
+    """A checkpoint file that cannot be read; the message names the file and the reason."""
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
-        if (module, name) not in _NUMPY_GLOBALS:
+        canonical = module.replace("numpy._core", "numpy.core", 1)
+        if (canonical, name) not in _NUMPY_GLOBALS:
             raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
-        return super().find_class(module, name)
+        return super().find_class(canonical.replace("numpy.core", _NUMPY_CORE, 1), name)
 
 
 def load_numpy_pickle(path: str, expected: str) -> Any:
@@ -38,24 +50,50 @@ def load_numpy_pickle(path: str, expected: str) -> Any:
         try:
             return _NumpyOnlyUnpickler(f, encoding="latin1").load()
         except pickle.UnpicklingError as e:
+            if "is not allowed" not in str(e):
+                raise CheckpointLoadError(f"{path}: not a readable pickle ({e})") from e
             raise pickle.UnpicklingError(
                 f"{path}: refusing to unpickle, it needs more than numpy arrays to load ({e}); "
                 f"{expected} should be a pickled dict of numpy arrays"
             ) from e
+        except Exception as e:  # truncated, not a pickle, ...: one line that names the file
+            raise CheckpointLoadError(
+                f"{path}: cannot read {expected} ({type(e).__name__}: {e})"
+            ) from e
 
 
-def _load_torch(path: str) -> dict:
+def _load_torch(path: str) -> Any:
+    """``torch.load(weights_only=True)``, also accepting ``SAFE_CHECKPOINT_GLOBALS``.
+
+    Raises:
+        pickle.UnpicklingError: the file needs other globals, which could run code.
+        CheckpointLoadError: the file is not a PyTorch checkpoint (text, truncated, ...).
+    """
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(list(SAFE_CHECKPOINT_GLOBALS)):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        lines = [line for line in str(e).splitlines() if line.strip()]
-        reason = next(
-            (line for line in lines if "global" in line.lower()), lines[0] if lines else ""
-        )
+        reason = _weights_only_reason(str(e))
+        if "global" not in reason.lower():
+            raise CheckpointLoadError(f"{path}: not a PyTorch checkpoint ({reason})") from e
         raise pickle.UnpicklingError(
             f"{path}: refusing to load, it is not a plain tensor checkpoint and unpickling it "
             f"would run code ({reason})"
         ) from e
+    except OSError:
+        raise
+    except Exception as e:  # a text file, a truncated zip, ...: one line that names the file
+        raise CheckpointLoadError(
+            f"{path}: not a PyTorch checkpoint ({type(e).__name__}: {e})"
+        ) from e
+
+
+def _weights_only_reason(message: str) -> str:
+    """What torch's weights-only refusal says was refused (the text after "WeightsUnpickler
+    error:"), without its advice."""
+    _, marker, after = message.partition("WeightsUnpickler error:")
+    lines = [line.strip() for line in (after if marker else message).splitlines() if line.strip()]
+    return lines[0].split(". Please use")[0] if lines else message
 
 
 def _pick_state_dict(checkpoint: dict, path: str, use_ema: bool) -> dict:

@@ -28,16 +28,16 @@ def _add_fpn_config(cfg: CN) -> None:
 
 def _add_mixformer_config(cfg: CN) -> None:
     cfg.MODEL.MIXFORMER = CN()
-    cfg.MODEL.MIXFORMER.VARIANT = "b1"  # b0 .. b6 (design note §3.1)
+    cfg.MODEL.MIXFORMER.VARIANT = "b1"  # b0 .. b6 (docs/mixformer.md, "Variants")
     cfg.MODEL.MIXFORMER.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
     cfg.MODEL.MIXFORMER.DROP_PATH_RATE = 0.0
     # Norm of the backbone's BatchNorms: "BN", "SyncBN" or "FrozenBN".
     cfg.MODEL.MIXFORMER.NORM = "BN"
-    # Norm of the channel interaction's BatchNorm, which sees a 1x1 pooled map (design note §6 #5):
+    # Norm of the channel interaction's BatchNorm, which sees a 1x1 pooled map (docs/mixformer.md):
     # "FrozenStatsBN" (running statistics always, trainable affine: works with 1 image per device),
     # "BN" or "SyncBN" (batch statistics as in the official code; needs >= 2 images per norm group).
     cfg.MODEL.MIXFORMER.POOLED_NORM = "FrozenStatsBN"
-    # A fresh LayerNorm on each output (design note §6 #2).
+    # A fresh LayerNorm on each output (Swin's detection convention).
     cfg.MODEL.MIXFORMER.OUTPUT_NORM = True
     # Recompute each block in the backward pass to save activation memory.
     cfg.MODEL.MIXFORMER.USE_CHECKPOINT = False
@@ -45,20 +45,20 @@ def _add_mixformer_config(cfg: CN) -> None:
 
 def _add_dilateformer_config(cfg: CN) -> None:
     cfg.MODEL.DILATEFORMER = CN()
-    cfg.MODEL.DILATEFORMER.VARIANT = "small"  # tiny, small, base (design note §3)
+    cfg.MODEL.DILATEFORMER.VARIANT = "small"  # tiny, small, base (paper Table II)
     cfg.MODEL.DILATEFORMER.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
-    # Detection default for tiny/small; base uses 0.3 (design note §6 #5; ImageNet used 0.1).
+    # Detection default for tiny/small; base uses 0.3 (docs/dilateformer.md; ImageNet used 0.1).
     cfg.MODEL.DILATEFORMER.DROP_PATH_RATE = 0.2
-    # Norm of the stem's and downsamplers' BatchNorms: "FrozenBN" (ImageNet statistics, design
-    # note §6 #4), "BN" or "SyncBN".
+    # Norm of the stem's and downsamplers' BatchNorms: "FrozenBN" (ImageNet statistics; 2 images
+    # per GPU make batch statistics noisy), "BN" or "SyncBN".
     cfg.MODEL.DILATEFORMER.NORM = "FrozenBN"
-    # Stage-3 attention (design note §6 #2): "global" (the classification model), "window"
+    # Stage-3 attention (docs/dilateformer.md): "global" (the classification model), "window"
     # (non-overlapping windows) or "mixed" (window / shifted window / global blocks, the paper's
     # detection setting; pattern per variant in hybrid_d2.backbones.dilateformer.VARIANTS).
     cfg.MODEL.DILATEFORMER.STAGE3_ATTENTION = "mixed"
     # Window side of the stage-3 window and shifted-window blocks: 7 (Swin) or 14.
     cfg.MODEL.DILATEFORMER.WINDOW_SIZE = 7
-    # A fresh LayerNorm on each output (design note §6 #3).
+    # A fresh LayerNorm on each output (Swin/NAT detection convention).
     cfg.MODEL.DILATEFORMER.OUTPUT_NORM = True
     # Recompute each block in the backward pass to save activation memory.
     cfg.MODEL.DILATEFORMER.USE_CHECKPOINT = False

@@ -1,11 +1,14 @@
 #!/usr/bin/env python
-"""Convert an official backbone checkpoint to a Detectron2 checkpoint for hybrid_d2.
+r"""Convert an official backbone checkpoint to a Detectron2 checkpoint for hybrid_d2.
 
-    python tools/convert_pretrained.py --family mixformer --variant b4 MixFormer_B4.pdparams b4.pth
-    python tools/convert_pretrained.py --family dilateformer --variant small --ema checkpoint.pth s.pth
+    python tools/convert_pretrained.py --family mixformer --variant b4 \
+        MixFormer_B4_pretrained.pdparams mixformer_b4_d2.pth
+    python tools/convert_pretrained.py --family dilateformer --variant small --ema \
+        checkpoint.pth dilateformer_s_d2.pth
 
 The output loads with DetectionCheckpointer (MODEL.WEIGHTS) into an FPN model whose bottom-up
-network is the family's backbone.
+network is the family's backbone. Where the official files are and the command per variant:
+docs/mixformer.md and docs/dilateformer.md ("Weights").
 """
 
 import argparse

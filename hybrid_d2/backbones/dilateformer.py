@@ -1,31 +1,33 @@
 """DilateFormer backbone (Jiao et al., "DilateFormer: Multi-Scale Dilated Transformer for Visual
 Recognition", IEEE TMM 2023), ported from the official classification model for Detectron2.
 
-Design note: shared/design/dilateformer.md. Module names mirror the official state-dict keys
-(§7.2), so converting official weights is a prefix only (hybrid_d2.checkpoint.dilateformer).
+Sources, derivations and decisions: docs/dilateformer.md. Module names mirror the state-dict keys
+of the official ``models/dilateformer.py`` (JIAOJIAYUASD/dilateformer), so converting official
+weights is a prefix only (hybrid_d2.checkpoint.dilateformer).
 
 Stages 1-2 use Multi-Scale Dilated Attention (MSDA, 3x3 windows with dilations 1/2/3 per head
 group), stages 3-4 plain multi-head self-attention; every block starts with a depth-wise 3x3
 conditional position embedding (CPE). Departures from the official code, all for detection:
 
 * No classification tail (``norm``, ``head``) and no 224x224 assert; the four stage outputs are read
-  before each stage's downsampler, optionally through a fresh LayerNorm each (design note §6 #3).
-* Stage 3 attention is configurable (``stage3_attention``, design note §6 #2): "global" as in the
-  classification model; "window": non-overlapping windows; "mixed": the paper's detection setting
-  (§IV-B: "a combination of local window attention, local window attention with shifted operation
-  and global attention in stage3"), whose exact mix the paper does not give. We use the design
-  note's pattern, two equal halves that alternate window / shifted window and end with a global
-  block: T W,SW,G,W,SW,G; S W,SW,W,G,W,SW,W,G; B W,SW,W,SW,G,W,SW,W,SW,G (T follows the same rule;
-  the note lists only S and B). Window blocks reuse the global blocks' ``qkv``/``proj``; no
-  relative position bias (none in the checkpoint; the CPE gives position).
+  before each stage's downsampler, optionally through a fresh LayerNorm each (Swin/NAT convention).
+* Stage 3 attention is configurable (``stage3_attention``; docs/dilateformer.md, "Stage-3
+  attention for detection"): "global" as in the classification model; "window": non-overlapping
+  windows; "mixed": the paper's detection setting (paper §IV-B: "a combination of local window
+  attention, local window attention with shifted operation and global attention in stage3"),
+  whose exact mix the paper does not give. Our pattern: two equal halves that alternate window /
+  shifted window and end with a global block: T W,SW,G,W,SW,G; S W,SW,W,G,W,SW,W,G;
+  B W,SW,W,SW,G,W,SW,W,SW,G. Window blocks reuse the global blocks' ``qkv``/``proj``; no relative
+  position bias (none in the checkpoint; the CPE gives position).
 * Window and shifted-window blocks zero-pad the map to multiples of the window and mask the padded
   keys (Swin does not mask them; masking makes a window that covers the whole map exactly global
   attention). Shifted windows use Swin's region mask, shift = window_size // 2, and no shift when
   the map fits in one window.
 * MSDA runs without ``nn.Unfold`` (hybrid_d2.layers.dilated_attention), with the same
   zero-padding semantics as the official code: out-of-map keys take part in the softmax with logit
-  0 and value 0 (design note §6 #8).
-* Stem and downsampler BatchNorms are built from ``norm``, "FrozenBN" by default (§6 #4).
+  0 and value 0 (paper §III-A: "zero padding"), which the pretrained weights rely on.
+* Stem and downsampler BatchNorms are built from ``norm``, "FrozenBN" by default (2 images per
+  GPU make batch statistics noisy).
 
 Internally the blocks keep a channels-last (B, H, W, C) residual stream; MSDA's qkv projection
 writes channels-first maps directly (one GEMM) because its shifted slices are fastest there.
@@ -68,8 +70,9 @@ __all__ = [
 
 _W, _SW, _G = "window", "shifted", "global"
 
-# Design note §3.1 (paper Table II, official code). drop_path_rate is the detection default
-# (§6 #5; ImageNet used 0.1); stage3_mixed is the "mixed" stage-3 pattern (§6 #2).
+# Paper Table II and the official code. drop_path_rate is the detection default (ImageNet used
+# 0.1; docs/dilateformer.md, "Decisions and deviations"); stage3_mixed is the "mixed" stage-3
+# pattern (docs/dilateformer.md, "Stage-3 attention for detection").
 VARIANTS = {
     "tiny": dict(
         embed_dim=72,
@@ -97,7 +100,7 @@ VARIANTS = {
 STAGE3_MODES = ("global", "window", "mixed")
 DILATIONS = (1, 2, 3)  # Fig. 4: "3 x 3 kernel size with dilation rates r = 1, 2 and 3"
 KERNEL_SIZE = 3
-MSDA_STAGES = 2  # §III-C: "the first two stages ... use MSDA"
+MSDA_STAGES = 2  # paper §III-C: "the first two stages ... use MSDA"
 LN_EPS = 1e-6  # official code; the paper says "Norm"
 
 
@@ -132,7 +135,8 @@ def _channels_last(x: torch.Tensor) -> torch.Tensor:
 
 
 class PatchEmbed(nn.Module):
-    """Overlapping tokenizer (§III-C; design note §2.2): 3x3 convs with strides 1, 2, 1, 2."""
+    """Overlapping tokenizer (paper §III-C; layers as the official ``PatchEmbed``): 3x3 convs with
+    strides 1, 2, 1, 2."""
 
     def __init__(self, embed_dim: int, norm: str, hidden_dim: int = 16):
         super().__init__()
@@ -158,7 +162,7 @@ class PatchEmbed(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Overlapping downsampler (§III-C): 3x3 stride-2 conv C -> 2C, then BatchNorm."""
+    """Overlapping downsampler (paper §III-C): 3x3 stride-2 conv C -> 2C, then BatchNorm."""
 
     def __init__(self, dim: int, norm: str):
         super().__init__()
@@ -176,7 +180,7 @@ class MultiDilateAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
-        # the official 1x1 conv (3C, C, 1, 1), q|k|v (design note §6 #10), applied as one GEMM
+        # the official 1x1 conv (3C, C, 1, 1), channels q|k|v, applied as one GEMM
         self.qkv = nn.Conv2d(dim, 3 * dim, 1)
         self.proj = nn.Linear(dim, dim)
 
@@ -350,7 +354,7 @@ class DilateFormer(nn.Module):
         ]
         self.channels = [embed_dim * 2**i for i in range(4)]
         self.patch_embed = PatchEmbed(embed_dim, norm)
-        # stochastic depth rises linearly over all blocks (design note §2.9)
+        # stochastic depth rises linearly over all blocks, as the official code
         drop_paths = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
         self.stages = nn.ModuleList()
         for i, (dim, depth, heads) in enumerate(zip(self.channels, depths, num_heads)):
@@ -372,7 +376,8 @@ class DilateFormer(nn.Module):
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
-        # design note §2.9; convolutions (MSDA qkv included) and BatchNorms keep PyTorch's defaults
+        # as the official code; convolutions (MSDA qkv included) and BatchNorms keep PyTorch's
+        # defaults
         if isinstance(module, nn.Linear):
             trunc_normal_(module.weight, std=0.02)
             nn.init.zeros_(module.bias)
@@ -406,13 +411,13 @@ class D2DilateFormer(PyramidBackbone):
     ):
         """
         Args:
-            variant: "tiny", "small" or "base" (design note §3).
+            variant: "tiny", "small" or "base" (paper Table II).
             out_features: subset of ("res2", "res3", "res4", "res5").
             stage3_attention: "global", "window" or "mixed" (see the module docstring).
             window_size: window side of the window / shifted-window blocks, e.g. 7 or 14.
             drop_path_rate: stochastic depth; None means the variant's detection default.
             norm: norm of the stem's and downsamplers' BatchNorms ("FrozenBN", "BN", "SyncBN").
-            output_norm: apply a fresh LayerNorm to each output (design note §6 #3).
+            output_norm: apply a fresh LayerNorm to each output (Swin/NAT convention).
             freeze_at: 0 freezes nothing, 1 the stem, k >= 2 the stem and stages res2 ... res_k
                 (each with the downsampler that feeds it).
             use_checkpoint: recompute each block in the backward pass to save memory.

@@ -1,8 +1,9 @@
 """MixFormer backbone (Chen et al., "MixFormer: Mixing Features across Windows and Dimensions",
 CVPR 2022), ported from the official PaddleClas classification model for Detectron2.
 
-Design note: shared/design/mixformer.md. Module names mirror the Paddle parameter names (§7.2), so
-converting official weights is a transpose/rename only (hybrid_d2.checkpoint.mixformer).
+Sources, derivations and decisions: docs/mixformer.md. Module names mirror the parameter names of
+PaddleClas's ``ppcls/arch/backbone/model_zoo/mixformer.py``, so converting official weights is a
+transpose/rename only (hybrid_d2.checkpoint.mixformer).
 
 Departures from the official code, all for detection:
 
@@ -11,18 +12,18 @@ Departures from the official code, all for detection:
   LayerNorm each (``D2MixFormer(output_norm=True)``).
 * The channel interaction's BatchNorm sees a 1x1 pooled map, so in train mode its statistics come
   from the per-device batch alone: with 1 image per device it raises "Expected more than 1 value
-  per channel", with 2 it is mostly noise (design note §6 #5). It is built from ``pooled_norm``, by
-  default ``FrozenStatsBN``: running statistics always (ImageNet ones once weights are loaded),
-  trainable affine, same parameters and state dict as BatchNorm. ``pooled_norm="BN"`` or
-  ``"SyncBN"`` reproduces the official train-mode behaviour. Every other BatchNorm is built from
-  ``norm``.
+  per channel", with 2 it is mostly noise (docs/mixformer.md, "Decisions"). It is built from
+  ``pooled_norm``, by default ``FrozenStatsBN``: running statistics always (ImageNet ones once
+  weights are loaded), trainable affine, same parameters and state dict as BatchNorm.
+  ``pooled_norm="BN"`` or ``"SyncBN"`` reproduces the official train-mode behaviour. Every other
+  BatchNorm is built from ``norm``.
 * ConvMerging zero-pads odd maps on the bottom/right before its 2x2 stride-2 conv (Swin-style), so
   any input size works; the official code asserts even sizes.
 
 Kept from the official code: the stem is the code's (three 3x3 convs, then a 2x2 stride-2 projection
 and a LayerNorm; the paper mentions only the convs), and windows are zero-padded after ``norm1``
 with padded tokens left unmasked in attention and included in the channel interaction's average
-pool (§6 #6).
+pool (docs/mixformer.md, "Decisions").
 """
 
 from typing import List, Optional, Sequence, Tuple
@@ -49,8 +50,8 @@ from ..layers import (
 
 __all__ = ["VARIANTS", "D2MixFormer", "MixFormer", "build_mixformer_backbone", "variant_config"]
 
-# Design note §3.1: Table 2 (B1-B4) and the official code (B0, B5, B6); drop_path_rate is the
-# ImageNet value, used as the detection default (§6 #7).
+# Paper Table 2 (B1-B4) and the official code (B0, B5, B6); drop_path_rate is the official
+# ImageNet value, used as the detection default (docs/mixformer.md, "Variants").
 VARIANTS = {
     "b0": dict(embed_dim=24, depths=(1, 2, 6, 6), num_heads=(3, 6, 12, 24), drop_path_rate=0.0),
     "b1": dict(embed_dim=32, depths=(1, 2, 6, 6), num_heads=(2, 4, 8, 16), drop_path_rate=0.0),
@@ -79,7 +80,8 @@ def _to_channels_last(x: torch.Tensor) -> torch.Tensor:
 
 
 class ConvEmbed(nn.Module):
-    """Convolution stem (§3.2 "Convolution Stem"; design note §2.2): stride 4, 3 -> C channels."""
+    """Convolution stem (paper §3.2, Fig. 3; layers as the official ``ConvEmbed``): stride 4,
+    3 -> C channels."""
 
     def __init__(self, embed_dim: int, norm: str):
         super().__init__()
@@ -105,7 +107,8 @@ class ConvEmbed(nn.Module):
 
 class MixingAttention(nn.Module):
     """The MIX function of Eq. (1): parallel window attention and depth-wise conv with the
-    bi-directional interactions of §3.1 (exact computation: design note §2.4).
+    bi-directional interactions of paper §3.1 (exact computation: the official ``MixingAttention``;
+    docs/mixformer.md, "Architecture").
 
     Operates on a channels-last (B, Hp, Wp, dim) map whose sides are multiples of the window size.
     The pointwise projections run on the whole map; only the attention itself runs on windows.
@@ -120,21 +123,21 @@ class MixingAttention(nn.Module):
         pooled_norm: str,
     ):
         super().__init__()
-        attn_dim = dim // 2  # design note §2.5: the attention branch gets half the channels
+        attn_dim = dim // 2  # official code: the attention branch gets half the channels
         self.num_heads = num_heads
         self.window_size = window_size
 
-        # "two linear projection layers and two norm layers" (§3.1, below Eq. (2))
+        # "two linear projection layers and two norm layers" (paper §3.1, below Eq. (2))
         self.proj_attn = nn.Linear(dim, attn_dim)
         self.proj_attn_norm = nn.LayerNorm(attn_dim)
         self.proj_cnn = nn.Linear(dim, dim)
         self.proj_cnn_norm = nn.LayerNorm(dim)
 
-        # §3.1 parallel design: 3x3 depth-wise conv branch
+        # paper §3.1 parallel design: 3x3 depth-wise conv branch
         self.dwconv3x3 = nn.Sequential(
             nn.Conv2d(dim, dim, 3, padding=1, groups=dim), get_norm(norm, dim), nn.GELU()
         )
-        # §3.1 channel interaction: (GAP), 1x1 conv, BN, GELU, 1x1 conv, (sigmoid)
+        # paper §3.1 channel interaction: (GAP), 1x1 conv, BN, GELU, 1x1 conv, (sigmoid)
         self.channel_interaction = nn.Sequential(
             nn.Conv2d(dim, dim // 8, 1),
             get_norm(pooled_norm, dim // 8),
@@ -152,7 +155,7 @@ class MixingAttention(nn.Module):
         self.register_buffer(
             "relative_position_index", relative_position_index(window_size), persistent=False
         )
-        # §3.1 spatial interaction: 1x1 conv, BN, GELU, 1x1 conv to one channel, (sigmoid)
+        # paper §3.1 spatial interaction: 1x1 conv, BN, GELU, 1x1 conv to one channel, (sigmoid)
         self.spatial_interaction = nn.Sequential(
             nn.Conv2d(attn_dim, dim // 16, 1),
             get_norm(norm, dim // 16),
@@ -194,7 +197,7 @@ class MixingAttention(nn.Module):
         spatial_attn = self.spatial_interaction(_to_channels_first(x_attn))
         x_cnn = self.conv_norm(torch.sigmoid(spatial_attn) * x_cnn)
 
-        # §3.1: "normalized by different normalization layers ... and merged by concatenation"
+        # paper §3.1: "normalized by different normalization layers ... merged by concatenation"
         x = torch.cat([self.attn_norm(x_attn), _to_channels_last(x_cnn)], dim=-1)
         return self.proj(x)
 
@@ -222,14 +225,14 @@ class MixingBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[1:3]
-        # zero-pad after norm1, padded tokens unmasked (design note §6 #6)
+        # zero-pad after norm1, padded tokens unmasked, as the official MixingBlock
         mixed = self.attn(pad_to_multiple(self.norm1(x), self.window_size))
         x = x + self.drop_path(mixed[:, :height, :width])  # Eq. (1)
         return x + self.drop_path(self.mlp(self.norm2(x)))  # Eq. (2)
 
 
 class ConvMerging(nn.Module):
-    """Downsampling between stages (§3.2 "stride convolution"): BN, 2x2 stride-2 conv C -> 2C."""
+    """Downsampling between stages (paper §3.2 "stride convolution"): BN, 2x2 s2 conv C -> 2C."""
 
     def __init__(self, dim: int, norm: str):
         super().__init__()
@@ -300,7 +303,7 @@ class MixFormer(nn.Module):
         super().__init__()
         self.channels = [embed_dim * 2**i for i in range(len(depths))]
         self.patch_embed = ConvEmbed(embed_dim, norm)
-        # stochastic depth rises linearly over all blocks (design note §2.8)
+        # stochastic depth rises linearly over all blocks, as the official code
         drop_paths = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
         self.layers = nn.ModuleList()
         for i, (dim, depth, heads) in enumerate(zip(self.channels, depths, num_heads)):
@@ -323,7 +326,7 @@ class MixFormer(nn.Module):
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
-        # design note §2.8; convolutions and BatchNorms keep PyTorch's defaults
+        # as the official code; convolutions and BatchNorms keep PyTorch's defaults
         if isinstance(module, nn.Linear):
             trunc_normal_(module.weight, std=0.02)
             nn.init.zeros_(module.bias)
@@ -358,13 +361,13 @@ class D2MixFormer(PyramidBackbone):
     ):
         """
         Args:
-            variant: "b0" ... "b6" (design note §3.1).
+            variant: "b0" ... "b6" (docs/mixformer.md, "Variants").
             out_features: subset of ("res2", "res3", "res4", "res5").
             drop_path_rate: stochastic depth; None means the variant's ImageNet value.
             norm: norm of every BatchNorm except the channel interaction's ("BN", "SyncBN",
                 "FrozenBN", ...).
             pooled_norm: norm of the channel interaction's BatchNorm on the 1x1 pooled map.
-            output_norm: apply a fresh LayerNorm to each output (design note §6 #2).
+            output_norm: apply a fresh LayerNorm to each output (Swin's detection convention).
             freeze_at: 0 freezes nothing, 1 the stem, k >= 2 the stem and stages res2 ... res_k
                 (each with the ConvMerging that feeds it).
             use_checkpoint: recompute each block in the backward pass to save memory.

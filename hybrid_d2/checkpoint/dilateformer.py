@@ -1,10 +1,12 @@
-"""Convert an official DilateFormer ImageNet checkpoint for hybrid_d2 (design note §7.2).
+"""Convert an official DilateFormer ImageNet checkpoint for hybrid_d2 (docs/dilateformer.md,
+"Weights").
 
-The official files are DeiT-style dicts with ``model`` and ``model_ema`` state dicts
-(``load_checkpoint_file`` picks one). ``hybrid_d2.backbones.dilateformer`` uses the official
-module names and layouts (the MSDA ``qkv`` of stages 1-2 is the same (3C, C, 1, 1) 1x1 conv, the
-global-attention ``qkv`` of stages 3-4 the same (3C, C) Linear, which the stage-3 window blocks
-reuse), so conversion drops the classifier, prefixes the names and validates every key and shape.
+The official files (JIAOJIAYUASD/dilateformer, ``main.py``) are DeiT-style dicts with ``model``
+and ``model_ema`` state dicts (``load_checkpoint_file`` picks one).
+``hybrid_d2.backbones.dilateformer`` uses the official module names and layouts (the MSDA ``qkv``
+of stages 1-2 is the same (3C, C, 1, 1) 1x1 conv, the global-attention ``qkv`` of stages 3-4 the
+same (3C, C) Linear, which the stage-3 window blocks reuse), so conversion drops the classifier,
+prefixes the names and validates every key and shape.
 """
 
 import logging

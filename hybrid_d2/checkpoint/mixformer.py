@@ -1,4 +1,9 @@
-"""Convert an official PaddleClas MixFormer state dict for hybrid_d2 (design note §7)."""
+"""Convert an official PaddleClas MixFormer state dict for hybrid_d2.
+
+The official ImageNet-1K weights (B1, B2, B3, B4, B6) are the ``MixFormer_B*_pretrained.pdparams``
+files listed in ``MODEL_URLS`` of PaddleClas's ``ppcls/arch/backbone/model_zoo/mixformer.py`` at
+commit 60239c9; docs/mixformer.md ("Weights") gives the commands.
+"""
 
 import logging
 from typing import Dict, List, Tuple
@@ -13,9 +18,10 @@ logger = logging.getLogger(__name__)
 
 # Where D2MixFormer's network sits in a Detectron2 FPN model (GeneralizedRCNN, RetinaNet).
 PREFIX = "backbone.bottom_up.net."
-# The classification tail, not used for detection (design note §2.7).
+# The classification tail (LayerNorm, Linear to 1280, classifier; paper Fig. 3), not used for
+# detection.
 _TAIL_PREFIXES = ("norm.", "last_proj.", "head.")
-# Paddle BatchNorm statistics -> PyTorch names (design note §7.3).
+# Paddle BatchNorm statistics -> PyTorch names.
 _BN_RENAMES = {"._mean": ".running_mean", "._variance": ".running_var"}
 
 

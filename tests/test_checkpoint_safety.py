@@ -226,3 +226,23 @@ def test_other_class_count_fine_tunes_but_does_not_resume(b1_state, tmp_path):
     head = r"roi_heads\.box_predictor\.cls_score\.weight: expected shape \[4, 256\], got \[6, 256\]"
     with pytest.raises(CheckpointMismatchError, match=head):
         SafeCheckpointer(model, optimizer=optimizer).load(str(path))  # resuming
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".pdparams", ".pkl"])
+@pytest.mark.parametrize("content", ["text", "empty", "truncated"])
+def test_files_that_are_not_checkpoints_fail_in_one_line(tmp_path, suffix, content):
+    """No traceback from deep inside torch or pickle: one line naming the file and the reason."""
+    from hybrid_d2.checkpoint import CheckpointLoadError, load_checkpoint_file
+
+    path = tmp_path / f"weights{suffix}"
+    whole = tmp_path / "whole.pth"
+    torch.save({"model": {"w": torch.ones(100)}}, whole)
+    data = {"text": b"this is a text file\n", "empty": b"", "truncated": whole.read_bytes()[:300]}
+    path.write_bytes(data[content])
+    with pytest.raises(CheckpointLoadError) as error:
+        if suffix == ".pdparams":
+            load_checkpoint_file(str(path))
+        else:
+            SafeCheckpointer(torch.nn.Linear(1, 1)).read(str(path))
+    message = str(error.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message, message

@@ -51,14 +51,14 @@ def load_numpy_pickle(path: str, expected: str) -> Any:
             return _NumpyOnlyUnpickler(f, encoding="latin1").load()
         except pickle.UnpicklingError as e:
             if "is not allowed" not in str(e):
-                raise CheckpointLoadError(f"{path}: not a readable pickle ({e})") from e
+                raise CheckpointLoadError(f"{path}: not a readable pickle ({_one_line(e)})") from e
             raise pickle.UnpicklingError(
                 f"{path}: refusing to unpickle, it needs more than numpy arrays to load ({e}); "
                 f"{expected} should be a pickled dict of numpy arrays"
             ) from e
         except Exception as e:  # truncated, not a pickle, ...: one line that names the file
             raise CheckpointLoadError(
-                f"{path}: cannot read {expected} ({type(e).__name__}: {e})"
+                f"{path}: cannot read {expected} ({type(e).__name__}: {_one_line(e)})"
             ) from e
 
 
@@ -84,16 +84,24 @@ def _load_torch(path: str) -> Any:
         raise
     except Exception as e:  # a text file, a truncated zip, ...: one line that names the file
         raise CheckpointLoadError(
-            f"{path}: not a PyTorch checkpoint ({type(e).__name__}: {e})"
+            f"{path}: not a PyTorch checkpoint ({type(e).__name__}: {_one_line(e)})"
         ) from e
 
 
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
 def _weights_only_reason(message: str) -> str:
-    """What torch's weights-only refusal says was refused (the text after "WeightsUnpickler
-    error:"), without its advice."""
+    """What torch's weights-only refusal says was refused, without its advice: the line naming a
+    refused GLOBAL if there is one, else the "WeightsUnpickler error:" text."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    for line in lines:
+        if "GLOBAL" in line:
+            return line.split("WeightsUnpickler error:")[-1].strip().split(". Please use")[0]
     _, marker, after = message.partition("WeightsUnpickler error:")
-    lines = [line.strip() for line in (after if marker else message).splitlines() if line.strip()]
-    return lines[0].split(". Please use")[0] if lines else message
+    details = [line.strip() for line in after.splitlines() if line.strip()] if marker else []
+    return (details or lines or [message])[0]
 
 
 def _pick_state_dict(checkpoint: dict, path: str, use_ema: bool) -> dict:

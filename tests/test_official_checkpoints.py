@@ -96,10 +96,11 @@ def converted(family: str, variant: str, folder: Path):
     return official, output, expected
 
 
-# The variants whose shipped configs are loaded: together they cover every framework and norm
-# setting the configs use (MixFormer-B4 and DilateFormer-S have a config per framework); the other
-# variants' configs differ only in the variant.
-LOADED_VARIANTS = ("mixformer_b1_", "mixformer_b4_", "dilateformer_t_", "dilateformer_s_")
+# The variants whose shipped configs are loaded: DilateFormer-S has a config for every framework
+# (RetinaNet without res2, Mask R-CNN 1x/3x, Cascade, keypoints, LVIS), MixFormer-B1 for
+# RetinaNet and Mask R-CNN; the configs of other variants differ only in the variant, and the
+# end-to-end test below walks MixFormer-B1 and DilateFormer-T.
+LOADED_VARIANTS = ("mixformer_b1_", "dilateformer_s_")
 
 
 def _shipped_configs():

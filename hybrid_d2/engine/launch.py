@@ -17,7 +17,7 @@ from detectron2.config import CfgNode
 from detectron2.engine import default_argument_parser, launch
 from detectron2.utils import comm
 
-from ..checkpoint import CheckpointLoadError, CheckpointMismatchError
+from ..checkpoint import CheckpointLoadError, CheckpointMismatchError, SafeCheckpointer
 from ..config import ConfigError
 
 __all__ = [
@@ -95,8 +95,7 @@ def check_run_config(cfg: CfgNode, eval_only: bool) -> None:
 
 
 def _check_readable_checkpoint(path: str) -> None:
-    from ..checkpoint import SafeCheckpointer  # the loader train_net.py and the demo use
-
+    """Read the file as SafeCheckpointer (train_net.py's and the demo's loader) will."""
     try:
         SafeCheckpointer(torch.nn.Module()).read(path)
     except OSError as e:

@@ -201,7 +201,8 @@ class MultiHeadPartitionAttention(nn.Module):
         Args:
             tokens: (B, n, dim) normalised tokens.
         Returns:
-            (B, n, 2 dim) float32 features, per head [intra | inter], and the bookkeeping:
+            (B, n, 2 dim) features in float32 (float64 for float64 tokens), per head
+            [intra | inter], and the bookkeeping:
             ``codes`` (B, h, n), ``one_hot`` (B, h, n, K), ``counts`` (B, h, K) and
             ``importance`` (B, h, K).
         """
@@ -209,13 +210,14 @@ class MultiHeadPartitionAttention(nn.Module):
         heads, head_dim = self.num_heads, self.head_dim
         values = self.value(tokens)
         logits = self.pool_logits(tokens)
+        dtype = torch.promote_types(tokens.dtype, torch.float32)  # float32, or float64
         with torch.autocast(tokens.device.type, enabled=False):
             split = (batch, n, heads, head_dim)
-            t = tokens.float().view(split).transpose(1, 2)  # (B, h, n, hd)
-            v = values.float().view(split).transpose(1, 2)
-            a = logits.float().transpose(1, 2)  # (B, h, n)
-            codes = hash_codes(t, self.hyperplanes.float())
-            one_hot = F.one_hot(codes, self.num_partitions).float()  # (B, h, n, K)
+            t = tokens.to(dtype).view(split).transpose(1, 2)  # (B, h, n, hd)
+            v = values.to(dtype).view(split).transpose(1, 2)
+            a = logits.to(dtype).transpose(1, 2)  # (B, h, n)
+            codes = hash_codes(t, self.hyperplanes.to(dtype))
+            one_hot = F.one_hot(codes, self.num_partitions).to(dtype)  # (B, h, n, K)
             counts = one_hot.sum(2)  # (B, h, K)
             with torch.no_grad():  # each partition's max logit: an exact softmax shift
                 masked = torch.where(one_hot.bool(), a.unsqueeze(-1), float("-inf"))

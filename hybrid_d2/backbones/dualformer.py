@@ -75,6 +75,7 @@ __all__ = [
     "build_dualformer_backbone",
     "hash_codes",
     "partition_importance",
+    "pixel_shuffle_channels_last",
     "variant_config",
 ]
 
@@ -125,6 +126,13 @@ def hash_codes(x: torch.Tensor, hyperplanes: torch.Tensor) -> torch.Tensor:
     bits = torch.einsum("bhnd,hdr->bhnr", x, hyperplanes) >= 0
     powers = 2 ** torch.arange(hyperplanes.shape[-1], device=x.device)
     return (bits.long() * powers).sum(-1)
+
+
+def pixel_shuffle_channels_last(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """``F.pixel_shuffle`` on a channels-last (B, H, W, C r^2) map -> (B, H r, W r, C)."""
+    batch, height, width, channels = x.shape
+    x = x.view(batch, height, width, channels // factor**2, factor, factor)
+    return x.permute(0, 1, 4, 2, 5, 3).reshape(batch, height * factor, width * factor, -1)
 
 
 def partition_importance(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -179,18 +187,18 @@ class MultiHeadPartitionAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, height, width, dim = x.shape
         k = self.downsample
-        if k > 1:
-            reduced = F.pad(_channels_first(x), (0, -width % k, 0, -height % k))
-            reduced = _channels_last(self.reduce(reduced))
+        if k > 1:  # zero-pad right / bottom to multiples of k
+            reduced = F.pad(x, (0, 0, 0, -width % k, 0, -height % k))
+            reduced = _channels_last(self.reduce(_channels_first(reduced)))
         else:
             reduced = x
         grid = reduced.shape[1:3]
         tokens = self.norm(reduced.reshape(batch, grid[0] * grid[1], dim))
         mixed, _ = self.partition_attention(tokens)
         out = self.aggregate(mixed)
-        if k > 1:  # channel to spatial: (h, w, c k^2) -> (h k, w k, c)
-            out = self.restore(out).view(batch, *grid, -1)
-            out = _channels_last(F.pixel_shuffle(_channels_first(out), k))[:, :height, :width]
+        if k > 1:  # channel to spatial: (h, w, c k^2) -> (h k, w k, c), then crop
+            out = pixel_shuffle_channels_last(self.restore(out).view(batch, *grid, -1), k)
+            out = out[:, :height, :width]
         return x + out.reshape(batch, height, width, dim)  # skip with the original input
 
     def partition_attention(
@@ -243,24 +251,26 @@ class MultiHeadPartitionAttention(nn.Module):
 
 
 class MBConv(nn.Module):
-    """Local branch (§3.3, MobileNetV2 inverted residual without its residual) on (B, H, W, dim)."""
+    """Local branch (§3.3, MobileNetV2 inverted residual without its residual) on (B, H, W, dim).
+
+    The 1x1 convolutions are Linear layers on the channels-last map (the same operation); the
+    BatchNorms and the depth-wise conv see channels-last NCHW views.
+    """
 
     def __init__(self, dim: int, expansion: int, norm: str):
         super().__init__()
         hidden = dim * expansion
-        self.conv = nn.Sequential(
-            nn.Conv2d(dim, hidden, 1, bias=False),
-            get_norm(norm, hidden),
-            nn.GELU(),
-            nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden, bias=False),
-            get_norm(norm, hidden),
-            nn.GELU(),
-            nn.Conv2d(hidden, dim, 1, bias=False),
-            get_norm(norm, dim),
-        )
+        self.expand = nn.Linear(dim, hidden, bias=False)
+        self.norm1 = get_norm(norm, hidden)
+        self.dwconv = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden, bias=False)
+        self.norm2 = get_norm(norm, hidden)
+        self.project = nn.Linear(hidden, dim, bias=False)
+        self.norm3 = get_norm(norm, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _channels_last(self.conv(_channels_first(x)))
+        x = F.gelu(self.norm1(_channels_first(self.expand(x))))
+        x = F.gelu(self.norm2(self.dwconv(x)))
+        return _channels_last(self.norm3(_channels_first(self.project(_channels_last(x)))))
 
 
 class DualBlock(nn.Module):
@@ -316,7 +326,7 @@ class Stem(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _channels_last(self.proj(x))
+        return _channels_last(self.proj(x)).contiguous()
 
 
 class Downsample(nn.Module):
@@ -403,9 +413,10 @@ class DualFormer(nn.Module):
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
+        if isinstance(module, nn.Linear):  # 1x1 convolutions included
             trunc_normal_(module.weight, std=0.02)
-            nn.init.zeros_(module.bias)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Conv2d):
             nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
         elif isinstance(module, (nn.LayerNorm, nn.BatchNorm2d)):

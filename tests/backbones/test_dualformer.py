@@ -22,6 +22,7 @@ from hybrid_d2.backbones.dualformer import (
     MultiHeadPartitionAttention,
     hash_codes,
     partition_importance,
+    pixel_shuffle_channels_last,
 )
 from hybrid_d2.config import add_hybrid_config
 from hybrid_d2.layers import flop_count_analysis
@@ -181,6 +182,12 @@ def test_large_logits_do_not_underflow_a_partition():
         members = codes == k
         expected = values[members].mean(0).expand(int(members.sum()), -1)
         torch.testing.assert_close(mixed[0, members, :16], expected)
+
+
+def test_channel_to_spatial_is_pixel_shuffle():
+    x = torch.randn(2, 3, 5, 4 * 9)
+    expected = torch.nn.functional.pixel_shuffle(x.permute(0, 3, 1, 2), 3).permute(0, 2, 3, 1)
+    assert torch.equal(pixel_shuffle_channels_last(x, 3), expected)
 
 
 @pytest.mark.parametrize(
@@ -398,7 +405,7 @@ def test_parameter_names_follow_the_layer_decay_convention():
     }
     assert ids["net.stem.proj.0.weight"] == 0
     assert ids["net.stages.0.blocks.0.attn.value.weight"] == 1
-    assert ids["net.stages.1.blocks.3.local.conv.0.weight"] == 1 + 4 + 3
+    assert ids["net.stages.1.blocks.3.local.expand.weight"] == 1 + 4 + 3
     assert ids["net.stages.0.downsample.proj.0.weight"] == 1 + 4  # feeds stage 2
     assert ids["output_norms.res5.weight"] == sum(depths) + 1
     assert all(0 < i <= sum(depths) for n, i in ids.items() if n.startswith("net.stages."))

@@ -209,8 +209,8 @@ class MultiHeadPartitionAttention(nn.Module):
         Args:
             tokens: (B, n, dim) normalised tokens.
         Returns:
-            (B, n, 2 dim) features in float32 (float64 for float64 tokens), per head
-            [intra | inter], and the bookkeeping:
+            (B, n, 2 dim) features of the tokens' dtype (computed in float32, or float64 for
+            float64 tokens), per head [intra | inter], and the bookkeeping:
             ``codes`` (B, h, n), ``one_hot`` (B, h, n, K), ``counts`` (B, h, K) and
             ``importance`` (B, h, K).
         """
@@ -235,8 +235,10 @@ class MultiHeadPartitionAttention(nn.Module):
             sums = one_hot.transpose(2, 3) @ torch.cat([e * v, v, e], -1)
             weighted, value_sum, weight_sum = sums.split([head_dim, head_dim, 1], -1)
             means = value_sum / counts.clamp_min(1).unsqueeze(-1)  # Eq. 8
-            present = (counts > 0).to(means.dtype)
-            scores = self.excite(self.squeeze(means).squeeze(-1) * present)
+            # SE-style scores in the parameters' dtype (the module may have been cast)
+            descriptors = self.squeeze(means.to(self.squeeze.weight.dtype)).squeeze(-1)
+            present = (counts > 0).to(descriptors.dtype)  # empty partitions: zero descriptor
+            scores = self.excite(descriptors * present).to(dtype)
             importance = partition_importance(scores, counts)  # Eq. 9
             inter = importance.unsqueeze(-1) * means
             if self.intra_mode == "pool":  # one proxy per partition (Eq. 6-7, pooled)
@@ -245,7 +247,7 @@ class MultiHeadPartitionAttention(nn.Module):
             else:  # each token's softmax weight within its partition times its value
                 token_weight_sum = one_hot @ weight_sum  # (B, h, n, 1), >= 1
                 scattered = torch.cat([e * v / token_weight_sum, one_hot @ inter], -1)
-            mixed = scattered.transpose(1, 2).reshape(batch, n, 2 * dim)
+            mixed = scattered.transpose(1, 2).reshape(batch, n, 2 * dim).to(tokens.dtype)
         details = dict(codes=codes, one_hot=one_hot, counts=counts, importance=importance)
         return mixed, details
 

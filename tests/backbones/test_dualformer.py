@@ -448,3 +448,10 @@ def test_fpn_built_from_config():
     assert {k: tuple(v.shape[-2:]) for k, v in outputs.items()} == {
         "p2": (16, 24), "p3": (8, 12), "p4": (4, 6), "p5": (2, 3), "p6": (1, 2)
     }
+
+
+def test_half_precision_module_without_autocast():
+    """A module converted to bfloat16 computes its float32 island and returns bfloat16."""
+    module = mhpa(dim=32, heads=2, downsample=2).bfloat16()
+    out = module(torch.randn(2, 9, 11, 32, dtype=torch.bfloat16))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()

@@ -212,7 +212,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             flop_ratio = f"{per_gflop / (reference['median_ms'] / reference['gflops']):.2f}"
         print(
             f"| {r['model']} | {r['params_m']:.1f} | {r['gflops']:.1f} | "
-            f"{r['median_ms']:.0f} ({r['min_ms']:.0f}) | {ratio} | {per_gflop:.1f} | {flop_ratio} | "
+            f"{r['median_ms']:.0f} ({r['min_ms']:.0f}) | {ratio} | {per_gflop:.1f} | "
+            f"{flop_ratio} | "
             f"{r['base_mib']:.0f} / {r['peak_mib']:.0f} / {r['peak_mib'] - r['base_mib']:.0f} |",
             flush=True,
         )

@@ -347,7 +347,9 @@ class Downsample(nn.Module):
 class Stage(nn.Module):
     """Blocks at one resolution, then (except in the last stage) the downsampler to the next."""
 
-    def __init__(self, blocks: Sequence[DualBlock], downsample: Optional[nn.Module], checkpoint: bool):
+    def __init__(
+        self, blocks: Sequence[DualBlock], downsample: Optional[nn.Module], checkpoint: bool
+    ):
         super().__init__()
         self.use_checkpoint = checkpoint
         self.blocks = nn.ModuleList(blocks)
@@ -461,7 +463,7 @@ class D2DualFormer(PyramidBackbone):
                 (each with the downsampler that feeds it).
             hash_seed: seed of the fixed LSH hyperplanes (block i uses hash_seed + i).
             intra_mode: "pool" or "token" intra-partition attention.
-            downsample_rates: MHPA resolution reduction per stage, e.g. (4, 2, 1, 1) or (8, 4, 2, 1).
+            downsample_rates: MHPA resolution reduction per stage: (4, 2, 1, 1), (8, 4, 2, 1), ...
             use_checkpoint: recompute each block in the backward pass to save memory.
         """
         super().__init__()

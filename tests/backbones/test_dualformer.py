@@ -58,7 +58,7 @@ def count(module: nn.Module) -> int:
 
 
 def classifier_head_params(channels: int, classes: int = 1000) -> int:
-    """Global pooling, LayerNorm and Linear on the last stage (paper Table 1's counts include it)."""
+    """Global pooling, LayerNorm and Linear on the last stage (Table 1's counts include it)."""
     return 2 * channels + channels * classes + classes
 
 
@@ -146,7 +146,9 @@ def test_pooled_intra_attention_is_a_softmax_mean_per_partition():
     mixed, details = module.partition_attention(tokens)
     values, logits = module.value(tokens)[0], module.pool_logits(tokens)[0, :, 0]
     codes, counts = details["codes"][0, 0], details["counts"][0, 0]
-    means = torch.stack([values[codes == k].mean(0) if counts[k] else torch.zeros(16) for k in range(4)])
+    means = torch.stack(
+        [values[codes == k].mean(0) if counts[k] else torch.zeros(16) for k in range(4)]
+    )
     inter = details["importance"][0, 0, :, None] * means
     for k in codes.unique().tolist():
         members = codes == k

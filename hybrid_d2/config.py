@@ -14,6 +14,7 @@ def add_hybrid_config(cfg: CN) -> None:
     _add_fpn_config(cfg)
     _add_mixformer_config(cfg)
     _add_dilateformer_config(cfg)
+    _add_dualformer_config(cfg)
     _add_solver_config(cfg)
 
 
@@ -62,6 +63,28 @@ def _add_dilateformer_config(cfg: CN) -> None:
     cfg.MODEL.DILATEFORMER.OUTPUT_NORM = True
     # Recompute each block in the backward pass to save activation memory.
     cfg.MODEL.DILATEFORMER.USE_CHECKPOINT = False
+
+
+def _add_dualformer_config(cfg: CN) -> None:
+    cfg.MODEL.DUALFORMER = CN()
+    cfg.MODEL.DUALFORMER.VARIANT = "small"  # tiny, xsmall, small, base (paper Table 1)
+    cfg.MODEL.DUALFORMER.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    # COCO defaults: tiny / xsmall 0.1, small 0.2, base 0.4 (docs/dualformer.md).
+    cfg.MODEL.DUALFORMER.DROP_PATH_RATE = 0.2
+    # Norm of every BatchNorm (stem, downsamplers, MBConv, MHPA reduction): "SyncBN", "BN" or
+    # "FrozenBN". No ImageNet statistics exist, so the configs train them ("SyncBN").
+    cfg.MODEL.DUALFORMER.NORM = "SyncBN"
+    # MHPA resolution reduction k per stage: (4, 2, 1, 1) (default) or (8, 4, 2, 1).
+    cfg.MODEL.DUALFORMER.DOWNSAMPLE_RATES = (4, 2, 1, 1)
+    # Intra-partition attention: "pool" (one softmax-pooled proxy per partition, scattered back)
+    # or "token" (each token's softmax weight within its partition times its value).
+    cfg.MODEL.DUALFORMER.INTRA_MODE = "pool"
+    # Seed of the fixed LSH hyperplanes (buffers, saved in checkpoints); block i uses SEED + i.
+    cfg.MODEL.DUALFORMER.HASH_SEED = 0
+    # A fresh LayerNorm on each output.
+    cfg.MODEL.DUALFORMER.OUTPUT_NORM = True
+    # Recompute each block in the backward pass to save activation memory.
+    cfg.MODEL.DUALFORMER.USE_CHECKPOINT = False
 
 
 def _add_solver_config(cfg: CN) -> None:

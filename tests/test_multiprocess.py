@@ -22,10 +22,12 @@ from conftest import REPO_ROOT, load_config
 CONFIGS = {
     "mixformer": "configs/mixformer_b1_mask_rcnn_1x.yaml",
     "dilateformer": "configs/dilateformer_t_mask_rcnn_1x.yaml",
+    "dualformer": "configs/dualformer_t_mask_rcnn_1x.yaml",
 }
 _DROP_PATH_KEY = {
     "mixformer": "MODEL.MIXFORMER.DROP_PATH_RATE",
     "dilateformer": "MODEL.DILATEFORMER.DROP_PATH_RATE",
+    "dualformer": "MODEL.DUALFORMER.DROP_PATH_RATE",
 }
 
 

@@ -5,9 +5,12 @@
     PYTHONPATH=. python tools/benchmark_backbones.py --device cuda       # GPU, when there is one
 
 Models: DilateFormer-S with each stage-3 attention mode (window 7), DilateFormer-S "mixed" with
-its MSDA computed the official way (nn.Unfold; tests/backbones/dilateformer_reference.py), and
-Detectron2's ResNet-50 (``build_resnet_backbone``, default config with outputs res2-res5). Batch 1,
-``torch.no_grad``, eval mode; the backbone alone, without FPN or heads.
+its MSDA computed the official way (nn.Unfold; tests/backbones/dilateformer_reference.py),
+DualFormer-S (FrozenBN, as ResNet-50) with each intra-partition mode, and Detectron2's ResNet-50
+(``build_resnet_backbone``, default config with outputs res2-res5). Batch 1, ``torch.no_grad``,
+eval mode; the backbone alone, without FPN or heads. GFLOPs: fvcore with hybrid_d2's handles
+(``hybrid_d2.layers.flop_count_analysis``; one multiply-add = one FLOP), counted after the timed
+runs; "ms / GFLOP" is the median latency per GFLOP.
 
 Every model runs in fresh subprocesses. Latency: median (and min) wall time per image over the
 timed repeats, after warm-up runs, with the default allocator. Peak memory on CPU, in a second
@@ -36,6 +39,8 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import nn
 
+from hybrid_d2.layers import flop_count_analysis
+
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = REPO / "tests" / "backbones" / "dilateformer_reference.py"
 
@@ -51,6 +56,15 @@ def _dilateformer(mode: str, unfold: bool = False) -> Callable[[], nn.Module]:
             spec.loader.exec_module(reference)
             reference.use_unfold_attention(backbone.net)
         return backbone
+
+    return build
+
+
+def _dualformer(intra_mode: str) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        from hybrid_d2.backbones import D2DualFormer
+
+        return D2DualFormer("small", norm="FrozenBN", intra_mode=intra_mode)
 
     return build
 
@@ -71,6 +85,8 @@ MODELS: Dict[str, Callable[[], nn.Module]] = {
     "DilateFormer-S stage3=window": _dilateformer("window"),
     "DilateFormer-S stage3=mixed": _dilateformer("mixed"),
     "DilateFormer-S stage3=mixed, unfold MSDA": _dilateformer("mixed", unfold=True),
+    "DualFormer-S intra=pool": _dualformer("pool"),
+    "DualFormer-S intra=token": _dualformer("token"),
     REFERENCE_MODEL: _resnet50,
 }
 
@@ -102,9 +118,13 @@ def measure(name: str, device: str, height: int, width: int, warmup: int, repeat
             if i >= warmup:
                 times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _max_rss_mib()
+    with torch.no_grad():
+        analysis = flop_count_analysis(model, image).unsupported_ops_warnings(False)
+        gflops = analysis.uncalled_modules_warnings(False).total() / 1e9
     return {
         "model": name,
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        "gflops": gflops,
         "median_ms": statistics.median(times) * 1e3,
         "min_ms": min(times) * 1e3,
         "base_mib": base,
@@ -175,21 +195,26 @@ def main(argv: Optional[List[str]] = None) -> int:
         f"{args.warmup} warm-up + {args.repeats} timed runs, torch {torch.__version__}\n"
     )
     print(
-        f"| model | params (M) | median ms (min) | x {REFERENCE_MODEL} (median) "
-        f"| {memory}: base / peak / added (MiB) |"
+        f"| model | params (M) | GFLOPs | median ms (min) | x {REFERENCE_MODEL} (median) "
+        f"| ms / GFLOP | x {REFERENCE_MODEL} (ms / GFLOP) | {memory}: base / peak / added (MiB) |"
     )
-    print("|---|---|---|---|---|")
-    # the reference first, so that every row can give its ratio
+    print("|---|---|---|---|---|---|---|---|")
+    # the reference first, so that every row can give its ratios
     names = sorted(args.models, key=lambda name: name != REFERENCE_MODEL)
-    reference_ms = None
+    reference = None
     for name in names:
         r = measure_model(name, args)
-        reference_ms = r["median_ms"] if name == REFERENCE_MODEL else reference_ms
-        ratio = f"{r['median_ms'] / reference_ms:.2f}" if reference_ms else "-"
+        reference = r if name == REFERENCE_MODEL else reference
+        per_gflop = r["median_ms"] / r["gflops"]
+        ratio, flop_ratio = "-", "-"
+        if reference:
+            ratio = f"{r['median_ms'] / reference['median_ms']:.2f}"
+            flop_ratio = f"{per_gflop / (reference['median_ms'] / reference['gflops']):.2f}"
         print(
-            f"| {r['model']} | {r['params_m']:.1f} | {r['median_ms']:.0f} ({r['min_ms']:.0f}) | "
-            f"{ratio} | {r['base_mib']:.0f} / {r['peak_mib']:.0f} / "
-            f"{r['peak_mib'] - r['base_mib']:.0f} |",
+            f"| {r['model']} | {r['params_m']:.1f} | {r['gflops']:.1f} | "
+            f"{r['median_ms']:.0f} ({r['min_ms']:.0f}) | {ratio} | {per_gflop:.1f} | "
+            f"{flop_ratio} | "
+            f"{r['base_mib']:.0f} / {r['peak_mib']:.0f} / {r['peak_mib'] - r['base_mib']:.0f} |",
             flush=True,
         )
     return 0

@@ -3,6 +3,7 @@
 
     python tools/convert_pretrained.py --family mixformer --variant b4 MixFormer_B4.pdparams b4.pth
     python tools/convert_pretrained.py --family dilateformer --variant small --ema checkpoint.pth s.pth
+    python tools/convert_pretrained.py --family dmf --variant s checkpoint-441.pth dmf_s.pth
 
 The output loads with DetectionCheckpointer (MODEL.WEIGHTS) into an FPN model whose bottom-up
 network is the family's backbone.
@@ -23,7 +24,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", required=True, choices=sorted(CONVERTERS))
     parser.add_argument(
-        "--variant", required=True, help="e.g. b4 (mixformer B4) or small (dilateformer S)"
+        "--variant",
+        required=True,
+        help="e.g. b4 (mixformer B4), small (dilateformer S) or xs (dmf XS)",
     )
     parser.add_argument("--ema", action="store_true", help="convert the 'model_ema' weights")
     parser.add_argument("input", help="official checkpoint (.pdparams or a PyTorch file)")

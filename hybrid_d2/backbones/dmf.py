@@ -43,7 +43,13 @@ from detectron2.utils import comm
 from timm.layers import DropPath, trunc_normal_
 from torch import nn
 
-from ..layers import FEATURE_NAMES, FrozenStatsBatchNorm2d, PyramidBackbone, get_norm, norm_for_device
+from ..layers import (
+    FEATURE_NAMES,
+    FrozenStatsBatchNorm2d,
+    PyramidBackbone,
+    get_norm,
+    norm_for_device,
+)
 
 __all__ = [
     "GRN_MODES",

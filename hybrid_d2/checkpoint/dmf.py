@@ -1,11 +1,13 @@
 """Convert an official Dynamic Mobile-Former ImageNet checkpoint for hybrid_d2.
 
-The official training script (``ysj9909/DMF``, ``utils.save_model``) writes a dict with ``model``,
-``optimizer``, ``epoch``, ``scaler``, ``args`` (an ``argparse.Namespace``) and, with EMA, ``model_ema``;
-``load_checkpoint_file`` picks the state dict. ``hybrid_d2.backbones.dmf`` uses the official module
-names and layouts (the official mmdet backbone loads the classification names unchanged), so
-conversion drops the classifier tail and every ``num_batches_tracked`` counter, prefixes the names
-and validates every key and shape.
+The official training script (``ysj9909/DMF``, ``utils.save_model``) writes a dict with
+``model``, ``optimizer``, ``epoch``, ``scaler``, ``args`` (an ``argparse.Namespace``) and, with
+EMA, ``model_ema``; ``load_checkpoint_file`` picks the state dict. ``hybrid_d2.backbones.dmf``
+uses the official module names and layouts (the official mmdet backbone loads the classification
+names unchanged), so conversion drops the classifier tail, prefixes the names and validates every
+key and shape. The ``num_batches_tracked`` counters are kept: the shipped
+configs freeze blocks 0-3 with Detectron2's ``convert_frozen_batchnorm``, whose FrozenBatchNorm2d
+keeps a counter buffer, so without them loading would report those keys missing.
 """
 
 import logging
@@ -18,22 +20,18 @@ from .validation import check_state_dict
 
 logger = logging.getLogger(__name__)
 
-# Where D2DynamicMobileFormer's network sits in a Detectron2 FPN model (GeneralizedRCNN, RetinaNet).
+# Where D2DynamicMobileFormer's network sits in a Detectron2 FPN model (GeneralizedRCNN,
+# RetinaNet).
 PREFIX = "backbone.bottom_up.net."
 # Classification only: the final cross-attention and Former on the tokens, the dynamic 1x1 conv,
 # its BatchNorm and the two-layer head (paper §3.6).
 _CLASSIFIER_PREFIXES = ("end_mobile2former.", "end_former.", "channel_conv.", "bn.", "head.")
-_COUNTER = "num_batches_tracked"
 
 
 def _expected_shapes(variant: str) -> Dict[str, Tuple[int, ...]]:
     with torch.device("meta"):  # shapes only, no memory or init cost
         network = DynamicMobileFormer(**variant_config(variant), norm="BN", pooled_norm="BN")
-    return {
-        name: tuple(t.shape)
-        for name, t in network.state_dict().items()
-        if not name.endswith(_COUNTER)
-    }
+    return {name: tuple(t.shape) for name, t in network.state_dict().items()}
 
 
 def convert_dmf(
@@ -52,7 +50,7 @@ def convert_dmf(
     for name, tensor in official.items():
         if name.startswith(_CLASSIFIER_PREFIXES):
             dropped.append(name)
-        elif not name.endswith(_COUNTER):
+        else:
             converted[name] = tensor.contiguous()
     check_state_dict(converted, expected, f"DMF-{variant.upper()}", variant)
     if dropped:

@@ -148,7 +148,8 @@ def test_cli_converts_a_training_checkpoint(official, expected_outputs, tmp_path
     assert convert_cli.main(argv + (["--ema"] if ema else [])) == 0
     tail = len(classifier_tail())
     out = capsys.readouterr().out
-    assert f"wrote {len(official) - tail} tensors" in out and f"({len(official)} read, {tail} dropped" in out
+    assert f"wrote {len(official) - tail} tensors" in out
+    assert f"({len(official)} read, {tail} dropped" in out
     model, problems = load_into_shipped_detector(output)
     assert problems == []
     weights = load_checkpoint_file(str(output))

@@ -144,7 +144,8 @@ def test_state_dict_keys_are_the_official_ones(variant):
     assert state[f"{mobile}.pw_conv1.weight"].shape == (8, hidden, last // groups, 1, 1)
     assert state[f"{mobile}.pw_conv1.static_weight"].shape == (hidden, last // groups, 1, 1)
     assert state[f"{mobile}.dw_conv.weight"].shape == (8, hidden, 1, 3, 3)
-    assert state[f"{mobile}.dw_conv.Kernel_Attention.net1.weight"].shape == (192, 192 + hidden, 1, 1)
+    attention = f"{mobile}.dw_conv.Kernel_Attention"
+    assert state[f"{attention}.net1.weight"].shape == (192, 192 + hidden, 1, 1)
     assert state[f"{mobile}.pw_conv2.Kernel_Attention.net2.weight"].shape == (8, 192, 1, 1)
 
 

@@ -5,9 +5,12 @@
     PYTHONPATH=. python tools/benchmark_backbones.py --device cuda       # GPU, when there is one
 
 Models: DilateFormer-S with each stage-3 attention mode (window 7), DilateFormer-S "mixed" with
-its MSDA computed the official way (nn.Unfold; tests/backbones/dilateformer_reference.py), and
-Detectron2's ResNet-50 (``build_resnet_backbone``, default config with outputs res2-res5). Batch 1,
-``torch.no_grad``, eval mode; the backbone alone, without FPN or heads.
+its MSDA computed the official way (nn.Unfold; tests/backbones/dilateformer_reference.py),
+DMF-XXS/XS/S (FrozenBN; dynamic convs as one grouped convolution over the batch) and DMF-S with
+its dynamic convs run one sample at a time (tests/backbones/dmf_reference.py), and
+Detectron2's ResNet-50 (``build_resnet_backbone``, default config with outputs res2-res5).
+``--batch`` images (default 1) per forward, ``torch.no_grad``, eval mode; the backbone alone,
+without FPN or heads.
 
 Every model runs in fresh subprocesses. Latency: median (and min) wall time per image over the
 timed repeats, after warm-up runs, with the default allocator. Peak memory on CPU, in a second
@@ -38,6 +41,7 @@ from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = REPO / "tests" / "backbones" / "dilateformer_reference.py"
+DMF_REFERENCE = REPO / "tests" / "backbones" / "dmf_reference.py"
 
 
 def _dilateformer(mode: str, unfold: bool = False) -> Callable[[], nn.Module]:
@@ -50,6 +54,21 @@ def _dilateformer(mode: str, unfold: bool = False) -> Callable[[], nn.Module]:
             reference = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(reference)
             reference.use_unfold_attention(backbone.net)
+        return backbone
+
+    return build
+
+
+def _dmf(variant: str, per_sample_loop: bool = False) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        from hybrid_d2.backbones import D2DynamicMobileFormer
+
+        backbone = D2DynamicMobileFormer(variant, norm="FrozenBN")
+        if per_sample_loop:
+            spec = importlib.util.spec_from_file_location("dmf_reference", DMF_REFERENCE)
+            reference = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(reference)
+            reference.use_per_sample_loop(backbone.net)
         return backbone
 
     return build
@@ -71,6 +90,10 @@ MODELS: Dict[str, Callable[[], nn.Module]] = {
     "DilateFormer-S stage3=window": _dilateformer("window"),
     "DilateFormer-S stage3=mixed": _dilateformer("mixed"),
     "DilateFormer-S stage3=mixed, unfold MSDA": _dilateformer("mixed", unfold=True),
+    "DMF-XXS": _dmf("xxs"),
+    "DMF-XS": _dmf("xs"),
+    "DMF-S": _dmf("s"),
+    "DMF-S, per-sample-loop dynamic conv": _dmf("s", per_sample_loop=True),
     REFERENCE_MODEL: _resnet50,
 }
 
@@ -80,11 +103,13 @@ def _max_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def measure(name: str, device: str, height: int, width: int, warmup: int, repeats: int) -> dict:
-    """Latency and memory of one model in this process."""
+def measure(
+    name: str, device: str, batch: int, height: int, width: int, warmup: int, repeats: int
+) -> dict:
+    """Latency (per image) and memory of one model in this process."""
     torch.manual_seed(0)
     model = MODELS[name]().eval().to(device)
-    image = torch.randn(1, 3, height, width, device=device)
+    image = torch.randn(batch, 3, height, width, device=device)
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.synchronize()
@@ -100,7 +125,7 @@ def measure(name: str, device: str, height: int, width: int, warmup: int, repeat
             if cuda:
                 torch.cuda.synchronize()
             if i >= warmup:
-                times.append(time.perf_counter() - start)
+                times.append((time.perf_counter() - start) / batch)
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _max_rss_mib()
     return {
         "model": name,
@@ -124,7 +149,8 @@ def run_worker(name: str, args: argparse.Namespace, memory: bool) -> dict:
     warmup, repeats = (1, 1) if memory else (args.warmup, args.repeats)
     command = [
         sys.executable, __file__, "--worker", name, "--device", args.device,
-        "--threads", str(args.threads), "--height", str(args.height), "--width", str(args.width),
+        "--threads", str(args.threads), "--batch", str(args.batch),
+        "--height", str(args.height), "--width", str(args.width),
         "--warmup", str(warmup), "--repeats", str(repeats),
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, env=env)
@@ -148,6 +174,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     )
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch and OpenMP)")
+    parser.add_argument("--batch", type=int, default=1, help="images per forward")
     parser.add_argument("--height", type=int, default=800)
     parser.add_argument("--width", type=int, default=1216)
     parser.add_argument("--warmup", type=int, default=2)
@@ -163,7 +190,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(
             json.dumps(
                 measure(
-                    args.worker, args.device, args.height, args.width, args.warmup, args.repeats
+                    args.worker,
+                    args.device,
+                    args.batch,
+                    args.height,
+                    args.width,
+                    args.warmup,
+                    args.repeats,
                 )
             )
         )
@@ -171,7 +204,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     memory = "CUDA max allocated" if args.device.startswith("cuda") else "max RSS"
     print(
-        f"{args.device}, {args.threads} threads, 1x3x{args.height}x{args.width}, "
+        f"{args.device}, {args.threads} threads, {args.batch}x3x{args.height}x{args.width}, "
         f"{args.warmup} warm-up + {args.repeats} timed runs, torch {torch.__version__}\n"
     )
     print(

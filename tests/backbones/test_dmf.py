@@ -14,6 +14,7 @@ from timm.layers import DropPath
 from torch import nn
 
 from conftest import load_config, randomize_batchnorms
+from dmf_reference import per_sample_loop
 from hybrid_d2.backbones import D2DynamicMobileFormer, DynamicMobileFormer
 from hybrid_d2.backbones.dmf import (
     BLOCK_STRIDES,
@@ -208,16 +209,6 @@ def make_conv(kernel_size: int, groups: int, temperature: float = 1.0) -> Dynami
     conv.weight.data.normal_(0, 0.2)
     randomize_batchnorms(conv)
     return conv.train()
-
-
-def per_sample_loop(conv: DynamicResidualConv2d, x: torch.Tensor, token: torch.Tensor):
-    """Eq. (1)-(2) one sample at a time with plain convolutions."""
-    scores = conv.Kernel_Attention(x, token)
-    outputs = []
-    for b in range(x.shape[0]):
-        kernel = conv.static_weight + 0.1 * (scores[b].view(-1, 1, 1, 1, 1) * conv.weight).sum(0)
-        outputs.append(F.conv2d(x[b : b + 1], kernel, padding=conv.padding, groups=conv.groups))
-    return torch.cat(outputs)
 
 
 @pytest.mark.parametrize("kernel_size, groups", [(1, 4), (1, 1), (3, 12)])

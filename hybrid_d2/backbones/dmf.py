@@ -496,7 +496,11 @@ class DynamicMobileFormer(nn.Module):
 
 
 class D2DynamicMobileFormer(PyramidBackbone):
-    """Detectron2 backbone around ``DynamicMobileFormer``: named outputs ``res2`` ... ``res5``."""
+    """Detectron2 backbone around ``DynamicMobileFormer``: named outputs ``res2`` ... ``res5``.
+
+    DMF has no stage modules (11 blocks in one list), so ``freeze`` works on blocks and
+    ``stem_and_stages`` is not used.
+    """
 
     def __init__(
         self,

@@ -15,6 +15,7 @@ def add_hybrid_config(cfg: CN) -> None:
     _add_mixformer_config(cfg)
     _add_dilateformer_config(cfg)
     _add_dualformer_config(cfg)
+    _add_dmf_config(cfg)
     _add_solver_config(cfg)
 
 
@@ -85,6 +86,33 @@ def _add_dualformer_config(cfg: CN) -> None:
     cfg.MODEL.DUALFORMER.OUTPUT_NORM = True
     # Recompute each block in the backward pass to save activation memory.
     cfg.MODEL.DUALFORMER.USE_CHECKPOINT = False
+
+
+def _add_dmf_config(cfg: CN) -> None:
+    cfg.MODEL.DMF = CN()
+    cfg.MODEL.DMF.VARIANT = "s"  # xxs, xs, s (paper Table 1)
+    cfg.MODEL.DMF.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    # Stochastic depth: 0.1, the paper's and the official detection configs' value.
+    cfg.MODEL.DMF.DROP_PATH_RATE = 0.1
+    # Norm of the BatchNorms on feature maps: "BN", "SyncBN" (the paper's COCO runs) or "FrozenBN".
+    cfg.MODEL.DMF.NORM = "BN"
+    # Norm of the kernel attentions' BatchNorm, which sees one pooled vector per image
+    # (docs/dmf.md): "FrozenStatsBN" (running statistics, trainable affine: works with 1 image per
+    # device), "FrozenBN", or "BN" / "SyncBN" (batch statistics as in the official code; needs
+    # >= 2 images per norm group in training).
+    cfg.MODEL.DMF.POOLED_NORM = "FrozenStatsBN"
+    # T in the kernel attention's sigmoid(logits / T); 1 in the official detection code.
+    cfg.MODEL.DMF.KERNEL_TEMPERATURE = 1.0
+    # GRN of the IRFFN: "dmf_code" (the official code's, normaliser ~1) or "convnextv2".
+    cfg.MODEL.DMF.GRN = "dmf_code"
+    # Freeze DMF blocks 0 ... FROZEN_BLOCKS - 1 (parameters and eval mode) and nothing else; 4 is
+    # the official detection setting (mmdet frozen_stages=1), which the paper's detection
+    # parameter counts imply. Applies on top of MODEL.BACKBONE.FREEZE_AT.
+    cfg.MODEL.DMF.FROZEN_BLOCKS = 0
+    # A fresh LayerNorm on each output (the official detection backbone has none).
+    cfg.MODEL.DMF.OUTPUT_NORM = False
+    # Recompute each block in the backward pass to save activation memory.
+    cfg.MODEL.DMF.USE_CHECKPOINT = False
 
 
 def _add_solver_config(cfg: CN) -> None:

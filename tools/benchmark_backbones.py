@@ -6,11 +6,13 @@
 
 Models: DilateFormer-S with each stage-3 attention mode (window 7), DilateFormer-S "mixed" with
 its MSDA computed the official way (nn.Unfold; tests/backbones/dilateformer_reference.py),
-DualFormer-S (FrozenBN, as ResNet-50) with each intra-partition mode, and Detectron2's ResNet-50
-(``build_resnet_backbone``, default config with outputs res2-res5). Batch 1, ``torch.no_grad``,
-eval mode; the backbone alone, without FPN or heads. GFLOPs: fvcore with hybrid_d2's handles
-(``hybrid_d2.layers.flop_count_analysis``; one multiply-add = one FLOP), counted after the timed
-runs; "ms / GFLOP" is the median latency per GFLOP.
+DualFormer-S (FrozenBN, as ResNet-50) with each intra-partition mode, DMF-XXS/XS/S (FrozenBN;
+dynamic convs as one grouped convolution over the batch) and DMF-S with its dynamic convs run one
+sample at a time (tests/backbones/dmf_reference.py), and Detectron2's ResNet-50
+(``build_resnet_backbone``, default config with outputs res2-res5). ``--batch`` images (default 1)
+per forward, ``torch.no_grad``, eval mode; the backbone alone, without FPN or heads. GFLOPs:
+fvcore with hybrid_d2's handles (``hybrid_d2.layers.flop_count_analysis``; one multiply-add = one
+FLOP), counted after the timed runs; "ms / GFLOP" is the median latency per GFLOP.
 
 Every model runs in fresh subprocesses. Latency: median (and min) wall time per image over the
 timed repeats, after warm-up runs, with the default allocator. Peak memory on CPU, in a second
@@ -43,6 +45,7 @@ from hybrid_d2.layers import flop_count_analysis
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = REPO / "tests" / "backbones" / "dilateformer_reference.py"
+DMF_REFERENCE = REPO / "tests" / "backbones" / "dmf_reference.py"
 
 
 def _dilateformer(mode: str, unfold: bool = False) -> Callable[[], nn.Module]:
@@ -66,6 +69,19 @@ def _dualformer(intra_mode: str) -> Callable[[], nn.Module]:
 
         return D2DualFormer("small", norm="FrozenBN", intra_mode=intra_mode)
 
+
+def _dmf(variant: str, per_sample_loop: bool = False) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        from hybrid_d2.backbones import D2DynamicMobileFormer
+
+        backbone = D2DynamicMobileFormer(variant, norm="FrozenBN")
+        if per_sample_loop:
+            spec = importlib.util.spec_from_file_location("dmf_reference", DMF_REFERENCE)
+            reference = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(reference)
+            reference.use_per_sample_loop(backbone.net)
+        return backbone
+
     return build
 
 
@@ -87,6 +103,10 @@ MODELS: Dict[str, Callable[[], nn.Module]] = {
     "DilateFormer-S stage3=mixed, unfold MSDA": _dilateformer("mixed", unfold=True),
     "DualFormer-S intra=pool": _dualformer("pool"),
     "DualFormer-S intra=token": _dualformer("token"),
+    "DMF-XXS": _dmf("xxs"),
+    "DMF-XS": _dmf("xs"),
+    "DMF-S": _dmf("s"),
+    "DMF-S, per-sample-loop dynamic conv": _dmf("s", per_sample_loop=True),
     REFERENCE_MODEL: _resnet50,
 }
 
@@ -96,11 +116,13 @@ def _max_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def measure(name: str, device: str, height: int, width: int, warmup: int, repeats: int) -> dict:
-    """Latency and memory of one model in this process."""
+def measure(
+    name: str, device: str, batch: int, height: int, width: int, warmup: int, repeats: int
+) -> dict:
+    """Latency (per image) and memory of one model in this process."""
     torch.manual_seed(0)
     model = MODELS[name]().eval().to(device)
-    image = torch.randn(1, 3, height, width, device=device)
+    image = torch.randn(batch, 3, height, width, device=device)
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.synchronize()
@@ -116,11 +138,11 @@ def measure(name: str, device: str, height: int, width: int, warmup: int, repeat
             if cuda:
                 torch.cuda.synchronize()
             if i >= warmup:
-                times.append(time.perf_counter() - start)
+                times.append((time.perf_counter() - start) / batch)
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _max_rss_mib()
     with torch.no_grad():
         analysis = flop_count_analysis(model, image).unsupported_ops_warnings(False)
-        gflops = analysis.uncalled_modules_warnings(False).total() / 1e9
+        gflops = analysis.uncalled_modules_warnings(False).total() / 1e9 / batch  # per image
     return {
         "model": name,
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
@@ -144,7 +166,8 @@ def run_worker(name: str, args: argparse.Namespace, memory: bool) -> dict:
     warmup, repeats = (1, 1) if memory else (args.warmup, args.repeats)
     command = [
         sys.executable, __file__, "--worker", name, "--device", args.device,
-        "--threads", str(args.threads), "--height", str(args.height), "--width", str(args.width),
+        "--threads", str(args.threads), "--batch", str(args.batch),
+        "--height", str(args.height), "--width", str(args.width),
         "--warmup", str(warmup), "--repeats", str(repeats),
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, env=env)
@@ -168,6 +191,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     )
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch and OpenMP)")
+    parser.add_argument("--batch", type=int, default=1, help="images per forward")
     parser.add_argument("--height", type=int, default=800)
     parser.add_argument("--width", type=int, default=1216)
     parser.add_argument("--warmup", type=int, default=2)
@@ -183,7 +207,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(
             json.dumps(
                 measure(
-                    args.worker, args.device, args.height, args.width, args.warmup, args.repeats
+                    args.worker,
+                    args.device,
+                    args.batch,
+                    args.height,
+                    args.width,
+                    args.warmup,
+                    args.repeats,
                 )
             )
         )
@@ -191,7 +221,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     memory = "CUDA max allocated" if args.device.startswith("cuda") else "max RSS"
     print(
-        f"{args.device}, {args.threads} threads, 1x3x{args.height}x{args.width}, "
+        f"{args.device}, {args.threads} threads, {args.batch}x3x{args.height}x{args.width}, "
         f"{args.warmup} warm-up + {args.repeats} timed runs, torch {torch.__version__}\n"
     )
     print(

@@ -5,6 +5,7 @@ r"""Convert an official backbone checkpoint to a Detectron2 checkpoint for hybri
         MixFormer_B4_pretrained.pdparams mixformer_b4_d2.pth
     python tools/convert_pretrained.py --family dilateformer --variant small --ema \
         checkpoint.pth dilateformer_s_d2.pth
+    python tools/convert_pretrained.py --family dmf --variant s --ema checkpoint-441.pth dmf_s_d2.pth
 
 The output loads with DetectionCheckpointer (MODEL.WEIGHTS) into an FPN model whose bottom-up
 network is the family's backbone. Where the official files are and the command per variant:
@@ -26,7 +27,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", required=True, choices=sorted(CONVERTERS))
     parser.add_argument(
-        "--variant", required=True, help="e.g. b4 (mixformer B4) or small (dilateformer S)"
+        "--variant",
+        required=True,
+        help="e.g. b4 (mixformer B4), small (dilateformer S) or xs (dmf XS)",
     )
     parser.add_argument("--ema", action="store_true", help="convert the 'model_ema' weights")
     parser.add_argument("input", help="official checkpoint (.pdparams or a PyTorch file)")

@@ -4,6 +4,8 @@ from .dilateformer import VARIANTS as DILATEFORMER_VARIANTS
 from .dilateformer import D2DilateFormer, DilateFormer, build_dilateformer_backbone
 from .dualformer import VARIANTS as DUALFORMER_VARIANTS
 from .dualformer import D2DualFormer, DualFormer, build_dualformer_backbone
+from .dmf import VARIANTS as DMF_VARIANTS
+from .dmf import D2DynamicMobileFormer, DynamicMobileFormer, build_dmf_backbone
 from .fpn import build_hybrid_fpn_backbone, build_hybrid_retinanet_backbone
 from .mixformer import VARIANTS as MIXFORMER_VARIANTS
 from .mixformer import D2MixFormer, MixFormer, build_mixformer_backbone
@@ -17,6 +19,10 @@ __all__ = [
     "DUALFORMER_VARIANTS",
     "DualFormer",
     "build_dualformer_backbone",
+    "D2DynamicMobileFormer",
+    "DMF_VARIANTS",
+    "DynamicMobileFormer",
+    "build_dmf_backbone",
     "D2MixFormer",
     "MIXFORMER_VARIANTS",
     "MixFormer",

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import randomize_batchnorms
-from hybrid_d2.backbones import D2DilateFormer, D2DualFormer, D2MixFormer
+from hybrid_d2.backbones import D2DilateFormer, D2DualFormer, D2DynamicMobileFormer, D2MixFormer
 from hybrid_d2.layers.backbone import MIN_INPUT_SIZE
 
 STRIDES = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
@@ -37,14 +37,17 @@ def backbone(family: str, mode: str = "", window_size: int = 7):
     """One shared instance per configuration with its default norms (MixFormer BN, DilateFormer
     FrozenBN, as in the configs), moved off their init; callers set train/eval mode.
 
-    (DilateFormer with norm="BN" cannot train on one image of at most 32x32: the BatchNorm after
-    the res5 downsampler then sees one value per channel, which PyTorch refuses.)
+    (DilateFormer and DMF with norm="BN" cannot train on one image of at most 32x32: the
+    BatchNorm after the res5 downsampler then sees one value per channel, which PyTorch refuses;
+    DMF runs with FrozenBN here and its default pooled norm, FrozenStatsBN.)
     """
     torch.manual_seed(0)
     if family == "mixformer":
         model = D2MixFormer("b0", drop_path_rate=0.0)
     elif family == "dualformer":  # FrozenBN for the same reason as DilateFormer's BN note above
         model = D2DualFormer("tiny", norm="FrozenBN", intra_mode=mode, drop_path_rate=0.0)
+    elif family == "dmf":
+        model = D2DynamicMobileFormer("xxs", drop_path_rate=0.0, norm="FrozenBN")
     else:
         model = D2DilateFormer(
             "tiny", stage3_attention=mode, window_size=window_size, drop_path_rate=0.0
@@ -119,8 +122,21 @@ def test_dualformer_output_sizes(intra_mode, height, width, batch, train, seed):
     check_outputs(backbone("dualformer", intra_mode), batch, height, width, train, seed)
 
 
+@settings(max_examples=30, deadline=None)
+@given(
+    height=SIDES,
+    width=SIDES,
+    batch=st.integers(1, 2),
+    train=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_dmf_output_sizes(height, width, batch, train, seed):
+    check_outputs(backbone("dmf"), batch, height, width, train, seed)
+
+
 @pytest.mark.parametrize(
-    "family, mode", [("mixformer", ""), ("dilateformer", "mixed"), ("dualformer", "pool")]
+    "family, mode",
+    [("mixformer", ""), ("dilateformer", "mixed"), ("dualformer", "pool"), ("dmf", "")],
 )
 @pytest.mark.parametrize("height, width", [(31, 64), (64, 31), (31, 31), (0, 64), (64, 0)])
 def test_too_small_inputs_are_refused(family, mode, height, width):

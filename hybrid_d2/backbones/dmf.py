@@ -1,0 +1,600 @@
+"""Dynamic Mobile-Former backbone (Yun & Ro, "Dynamic Mobile-Former: Strengthening Dynamic
+Convolution with Attention and Residual Connection in Kernel Space", arXiv:2304.07254; IEEE Access
+2024), DMF-XXS / XS / S for Detectron2.
+
+Architecture as the official classification model ``ysj9909/DMF`` (commit 929ae6db0e91, whose
+layer shapes reproduce the paper's 25.1 / 19.8 / 15.1M parameters and 499 / 285 / 198M FLOPs): a
+3x3 stem, the lite bottleneck (stage 1), then 11 DMF blocks that thread 6 learnable tokens of
+dimension 192 (§3.1). Each block runs (code order; Fig. 2 is not in the text):
+
+    Z <- Mobile2Former(X, Z)  # tokens attend to the block input X, no K/V projections (Eq. 3-5)
+    Z <- Former(Z)            # pre-LN transformer block on the tokens, MLP ratio 2 (§3.4)
+    X <- DYMobile(X, Z[:, 0]) # (stride-2 DW conv,) then dynamic residual pw / dw / pw convs (§3.3)
+    X <- X + DropPath(IRFFN(GroupNorm(X)))  # IRFFN with GRN (Eq. 6-7)
+
+Outputs res2 ... res5 are read after blocks 1, 3, 7, 10 (strides 4 / 8 / 16 / 32); the tokens are
+not output. Module names mirror the official state-dict keys, so converting weights only drops
+the classifier (hybrid_d2.checkpoint.dmf). Decisions (docs/dmf.md has the reasons):
+
+* The official mmdet backbone hard-codes the XS architecture for all three names; each variant
+  here follows paper Table 1 (``VARIANTS``).
+* Dynamic convs run as one grouped convolution over the batch (exact; see
+  ``DynamicResidualConv2d``); the 0.1 scale on the dynamic kernels is the official code's.
+* The kernel attention's BatchNorm sees one pooled vector per image. It is built from
+  ``pooled_norm``, by default "FrozenStatsBN" (running statistics, trainable affine): it works
+  with one image per device. A batch-statistics norm there with one image raises a ValueError.
+* ``frozen_blocks`` freezes leading DMF blocks only (parameters and eval mode), leaving the stem,
+  the lite bottleneck and the tokens trainable: 4 is the official detection setting
+  (``frozen_stages=1``), which the paper's detection parameter counts imply.
+* GRN: "dmf_code" (default) is the official channels-first port, whose normaliser is ~1;
+  "convnextv2" normalises over channels as ConvNeXt-V2. Same parameters either way.
+* Dropout is 0 in detection and omitted; no classifier tail (end_*, channel_conv, bn, head).
+"""
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
+from detectron2.layers.batch_norm import NaiveSyncBatchNorm
+from detectron2.modeling import BACKBONE_REGISTRY
+from detectron2.utils import comm
+from timm.layers import DropPath, trunc_normal_
+from torch import nn
+
+from ..layers import (
+    FEATURE_NAMES,
+    FrozenStatsBatchNorm2d,
+    PyramidBackbone,
+    get_norm,
+    norm_for_device,
+)
+
+__all__ = [
+    "GRN_MODES",
+    "VARIANTS",
+    "D2DynamicMobileFormer",
+    "DynamicMobileFormer",
+    "DynamicResidualConv2d",
+    "build_dmf_backbone",
+    "variant_config",
+]
+
+# Paper Table 1: stem width, lite bottleneck (#exp, #out), per-block #exp, #out and cross-attention
+# heads H, point-wise groups G and IRFFN ratio R.
+VARIANTS = {
+    "s": dict(
+        stem=24,
+        lite=(48, 24),
+        expansions=(144, 120, 240, 216, 432, 512, 768, 1056, 1056, 1440, 1440),
+        channels=(40, 40, 72, 72, 128, 128, 176, 176, 240, 240, 240),
+        heads=(2, 2, 2, 2, 2, 4, 4, 4, 4, 8, 8),
+        groups=4,
+        ffn_ratio=2.7,
+    ),
+    "xs": dict(
+        stem=16,
+        lite=(32, 18),
+        expansions=(108, 90, 180, 162, 324, 384, 576, 792, 792, 1080, 1080),
+        channels=(30, 30, 54, 54, 96, 96, 132, 132, 180, 180, 180),
+        heads=(2, 2, 2, 2, 2, 3, 3, 4, 4, 6, 6),
+        groups=3,
+        ffn_ratio=2.0,
+    ),
+    "xxs": dict(
+        stem=12,
+        lite=(24, 12),
+        expansions=(72, 60, 120, 108, 216, 256, 384, 528, 528, 720, 720),
+        channels=(20, 20, 36, 36, 64, 64, 88, 88, 120, 120, 120),
+        heads=(2, 2, 2, 2, 2, 2, 2, 4, 4, 4, 4),
+        groups=2,
+        ffn_ratio=3.0,
+    ),
+}
+
+BLOCK_STRIDES = (2, 1, 2, 1, 2, 1, 1, 1, 2, 1, 1)  # Table 1: downsampling before stages 2-5
+OUTPUT_BLOCKS = (1, 3, 7, 10)  # last block of stages 2-5: res2 ... res5
+NUM_TOKENS, TOKEN_DIM = 6, 192  # §3.6: "six global tokens with a dimension of 192"
+FORMER_HEADS = 6  # official code: 192 // 32 (Table 1 prints "(8)")
+FORMER_MLP_RATIO = 2  # §3.4: "An expansion ratio of 2 is utilized for FFN"
+NUM_KERNELS = 8  # Table 1: "All dynamic residual convolutions ... use 8 static kernels"
+DYNAMIC_SCALE = 0.1  # official code: W = W_agnostic + 0.1 * sum_k pi_k W_k (not in the paper)
+# Drop path rises linearly over 13 slots as in the official code (11 blocks + the classifier's
+# end_mobile2former and end_former); block i uses slot i.
+DROP_PATH_SLOTS = 13
+GRN_MODES = ("dmf_code", "convnextv2")
+
+
+def variant_config(variant: str) -> dict:
+    """The architecture arguments of a DMF variant ("xxs", "xs", "s")."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown DMF variant {variant!r}; expected one of {sorted(VARIANTS)}")
+    return dict(VARIANTS[variant])
+
+
+def _uses_statistics_of_one_sample(norm: nn.Module, batch: int) -> bool:
+    """Whether a train-mode ``norm`` would compute batch statistics over a single sample."""
+    if not norm.training or batch > 1 or isinstance(norm, FrozenStatsBatchNorm2d):
+        return False
+    if isinstance(norm, (nn.SyncBatchNorm, NaiveSyncBatchNorm)):
+        return comm.get_world_size() == 1
+    return isinstance(norm, nn.modules.batchnorm._BatchNorm)
+
+
+class KernelAttention(nn.Module):
+    """Kernel attention of a DYR conv (Fig. 3): concat(token 0, GAP(x)) -> 1x1 conv -> norm ->
+    ReLU -> 1x1 conv -> sigmoid(logits / temperature), one score per kernel."""
+
+    def __init__(self, in_channels: int, num_kernels: int, pooled_norm: str, temperature: float):
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"kernel temperature {temperature}: expected a positive number")
+        self.pooled_norm = pooled_norm
+        self.temperature = temperature
+        self.net1 = nn.Conv2d(TOKEN_DIM + in_channels, TOKEN_DIM, 1, bias=False)
+        self.bn = get_norm(pooled_norm, TOKEN_DIM)
+        self.net2 = nn.Conv2d(TOKEN_DIM, num_kernels, 1, bias=False)
+
+    def forward(self, x: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) map and (B, 192) token 0 -> (B, K) scores in [0, 1]."""
+        batch = x.shape[0]
+        if _uses_statistics_of_one_sample(self.bn, batch):
+            raise ValueError(
+                f"pooled_norm={self.pooled_norm!r} (MODEL.DMF.POOLED_NORM): the kernel attention's "
+                "BatchNorm sees one pooled vector per image, so training with 1 image per norm "
+                "group has no batch statistics; set MODEL.DMF.POOLED_NORM to 'FrozenStatsBN' "
+                "(the default) or 'FrozenBN', or train with >= 2 images per device"
+            )
+        pooled = F.adaptive_avg_pool2d(x, 1)
+        # Fig. 3: "the global average pooled features of the input and the first global token
+        # are concatenated" (token first, as the official code)
+        features = torch.cat([token.to(pooled.dtype)[:, :, None, None], pooled], dim=1)
+        logits = self.net2(F.relu(self.bn(self.net1(features))))
+        return torch.sigmoid(logits.flatten(1) / self.temperature)
+
+
+class DynamicResidualConv2d(nn.Module):
+    """Dynamic residual convolution (Eq. 1-2): per sample b,
+    W_b = static_weight + 0.1 * sum_k pi_{b,k} * weight[k], stride 1, "same" padding, no bias.
+
+    ``static_weight`` is the input-agnostic kernel (random init), ``weight`` the K dynamic kernels
+    (zero init, so the layer starts as a plain convolution). The batch runs as ONE grouped
+    convolution: x as (1, B * C_in, H, W) with groups = groups * B and the B per-sample kernels
+    stacked, which equals a loop of B plain convolutions.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        groups: int,
+        pooled_norm: str,
+        temperature: float = 1.0,
+        num_kernels: int = NUM_KERNELS,
+    ):
+        super().__init__()
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"channels {in_channels} -> {out_channels} not divisible by {groups}")
+        self.groups = groups
+        self.padding = kernel_size // 2
+        shape = (out_channels, in_channels // groups, kernel_size, kernel_size)
+        self.static_weight = nn.Parameter(torch.empty(shape))
+        self.weight = nn.Parameter(torch.zeros((num_kernels,) + shape))
+        self.Kernel_Attention = KernelAttention(in_channels, num_kernels, pooled_norm, temperature)
+        nn.init.kaiming_uniform_(self.static_weight)  # official init; dynamic kernels stay zero
+
+    def kernels(self, scores: torch.Tensor) -> torch.Tensor:
+        """(B, K) scores -> (B, C_out, C_in / groups, k, k) per-sample kernels (Eq. 1-2).
+
+        Aggregated outside autocast in the parameters' precision, so that half-precision training
+        cannot overflow or round the small dynamic terms away.
+        """
+        num_kernels = self.weight.shape[0]
+        with torch.autocast(scores.device.type, enabled=False):
+            dynamic = scores.to(self.weight.dtype) @ self.weight.view(num_kernels, -1)
+            dynamic = dynamic.view((-1,) + self.static_weight.shape)
+            return self.static_weight + DYNAMIC_SCALE * dynamic
+
+    def forward(self, x: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+        batch, channels, height, width = x.shape
+        weights = self.kernels(self.Kernel_Attention(x, token))
+        out = F.conv2d(
+            x.reshape(1, batch * channels, height, width),
+            weights.flatten(0, 1),
+            padding=self.padding,
+            groups=self.groups * batch,
+        )
+        return out.view(batch, -1, height, width)
+
+
+class GRN(nn.Module):
+    """Global response normalisation with residual, (1, C, 1, 1) ``gamma`` and ``beta``.
+
+    "dmf_code": the official port, Nx = G / (mean of G over its size-1 last axis + 1e-6) ~ 1, so
+    out ~ x * (1 + gamma) + beta. "convnextv2": Nx = G / (mean of G over channels + 1e-6).
+    G is the L2 norm of x over (H, W), computed in at least fp32.
+    """
+
+    def __init__(self, channels: int, mode: str = "dmf_code"):
+        super().__init__()
+        if mode not in GRN_MODES:
+            raise ValueError(f"unknown GRN mode {mode!r}; expected one of {GRN_MODES}")
+        self.mode = mode
+        self.gamma = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        self.beta = nn.Parameter(torch.zeros(1, channels, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        wide = x.to(torch.promote_types(x.dtype, torch.float32))
+        response = torch.linalg.vector_norm(wide, dim=(2, 3), keepdim=True)
+        mean_dim = -1 if self.mode == "dmf_code" else 1
+        scale = (response / (response.mean(dim=mean_dim, keepdim=True) + 1e-6)).to(x.dtype)
+        return self.gamma * (x * scale) + self.beta + x
+
+
+class Bottleneck(nn.Module):
+    """pw conv -> BN -> GELU -> 3x3 dw conv -> (BN | shortcut + GRN) -> GELU -> pw conv -> BN.
+
+    Without ``grn``: the lite bottleneck of stage 1 (§3.6, no residual). With ``grn``: the IRFFN,
+    Eq. (6)-(7): SC(X) = DWConv(X) + X, then GRN, and BN after both 1x1 convs (§3.5).
+    """
+
+    def __init__(
+        self, in_channels: int, hidden: int, out_channels: int, norm: str, grn: Optional[str]
+    ):
+        super().__init__()
+        self.pw_conv1 = nn.Conv2d(in_channels, hidden, 1, bias=False)
+        self.bn1 = get_norm(norm, hidden)
+        self.dw_conv = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden, bias=False)
+        if grn is None:
+            self.bn2 = get_norm(norm, hidden)
+        else:
+            self.grn = GRN(hidden, grn)
+        self.pw_conv2 = nn.Conv2d(hidden, out_channels, 1, bias=False)
+        self.bn3 = get_norm(norm, out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.gelu(self.bn1(self.pw_conv1(x)))
+        if hasattr(self, "grn"):
+            x = F.gelu(self.grn(self.dw_conv(x) + x))  # Eq. (7) shortcut, then GRN
+        else:
+            x = F.gelu(self.bn2(self.dw_conv(x)))
+        return self.bn3(self.pw_conv2(x))
+
+
+class Stem(nn.Module):
+    """3x3 stride-2 conv with bias -> BN -> GELU (Table 1 "vanilla 3x3conv")."""
+
+    def __init__(self, out_channels: int, norm: str):
+        super().__init__()
+        self.conv = nn.Conv2d(3, out_channels, 3, stride=2, padding=1)
+        self.bn = get_norm(norm, out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.bn(self.conv(x)))
+
+
+class DynamicMobile(nn.Module):
+    """DY-Mobile (§3.3): optional static stride-2 DW conv, then dynamic residual group pw conv,
+    dw conv and group pw conv (linear bottleneck), GELU; no shortcut (official code)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        hidden: int,
+        out_channels: int,
+        stride: int,
+        groups: int,
+        norm: str,
+        pooled_norm: str,
+        temperature: float,
+    ):
+        super().__init__()
+        if stride == 2:  # Table 1 "3x3 dwconv" downsampling, inside the stage's first block
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_channels, in_channels, 3, 2, padding=1, groups=in_channels),
+                get_norm(norm, in_channels),
+                nn.GELU(),
+            )
+        dynamic = dict(pooled_norm=pooled_norm, temperature=temperature)
+        self.pw_conv1 = DynamicResidualConv2d(in_channels, hidden, 1, groups, **dynamic)
+        self.bn1 = get_norm(norm, hidden)
+        self.dw_conv = DynamicResidualConv2d(hidden, hidden, 3, hidden, **dynamic)
+        self.bn2 = get_norm(norm, hidden)
+        self.pw_conv2 = DynamicResidualConv2d(hidden, out_channels, 1, groups, **dynamic)
+        self.bn3 = get_norm(norm, out_channels)
+
+    def forward(self, x: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "downsample"):
+            x = self.downsample(x)
+        x = F.gelu(self.bn1(self.pw_conv1(x, token)))
+        x = F.gelu(self.bn2(self.dw_conv(x, token)))
+        return self.bn3(self.pw_conv2(x, token))
+
+
+class Mobile2Former(nn.Module):
+    """Cross-attention from the local map to the tokens (Eq. 3-5) without K/V projections:
+    q = W^Q LN(Z) in C_in channels split into H heads; K = V = X; Z' = LN(Z) + W^O(heads)."""
+
+    def __init__(self, channels: int, heads: int, drop_path: float):
+        super().__init__()
+        if channels % heads:
+            raise ValueError(f"{channels} channels cannot be split into {heads} heads")
+        self.heads = heads
+        self.norm = nn.LayerNorm(TOKEN_DIM)
+        self.q = nn.Linear(TOKEN_DIM, channels, bias=False)
+        self.fc = nn.Linear(channels, TOKEN_DIM, bias=False)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        batch, channels = x.shape[:2]
+        tokens = self.norm(tokens)
+        q = self.q(tokens).view(batch, NUM_TOKENS, self.heads, -1).transpose(1, 2)
+        # heads are contiguous channel groups of X; scale (C / H) ** -0.5
+        kv = x.flatten(2).view(batch, self.heads, channels // self.heads, -1).transpose(2, 3)
+        out = F.scaled_dot_product_attention(q, kv.to(q.dtype), kv.to(q.dtype))
+        out = out.transpose(1, 2).reshape(batch, NUM_TOKENS, channels)
+        return tokens + self.drop_path(self.fc(out))  # residual on the normalised tokens (code)
+
+
+class TokenAttention(nn.Module):
+    """Multi-head self-attention on the tokens: qkv without bias, proj with bias."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        batch, length, dim = tokens.shape
+        qkv = self.qkv(tokens).view(batch, length, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(*qkv.unbind(0))
+        return self.proj(out.transpose(1, 2).reshape(batch, length, dim))
+
+
+class Mlp(nn.Module):
+    """Linear -> GELU -> Linear, both without bias (official Former MLP)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden, bias=False)
+        self.fc2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Former(nn.Module):
+    """Pre-LN Transformer block on the tokens (§3.4)."""
+
+    def __init__(self, drop_path: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(TOKEN_DIM)
+        self.token_attention = TokenAttention(TOKEN_DIM, FORMER_HEADS)
+        self.norm2 = nn.LayerNorm(TOKEN_DIM)
+        self.mlp = Mlp(TOKEN_DIM, FORMER_MLP_RATIO * TOKEN_DIM)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        tokens = tokens + self.drop_path(self.token_attention(self.norm1(tokens)))
+        return tokens + self.drop_path(self.mlp(self.norm2(tokens)))
+
+
+class DMFBlock(nn.Module):
+    """Mobile2Former -> Former -> DY-Mobile(token 0) -> pre-GroupNorm IRFFN with residual."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        hidden: int,
+        out_channels: int,
+        stride: int,
+        heads: int,
+        groups: int,
+        ffn_ratio: float,
+        drop_path: float,
+        norm: str,
+        pooled_norm: str,
+        temperature: float,
+        grn: str,
+    ):
+        super().__init__()
+        self.mobile2former = Mobile2Former(in_channels, heads, drop_path)
+        self.former = Former(drop_path)
+        self.dynamic_mobile = DynamicMobile(
+            in_channels, hidden, out_channels, stride, groups, norm, pooled_norm, temperature
+        )
+        self.norm = nn.GroupNorm(1, out_channels)
+        ffn_hidden = int(out_channels * ffn_ratio)
+        self.ffn = Bottleneck(out_channels, ffn_hidden, out_channels, norm, grn=grn)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        tokens = self.former(self.mobile2former(x, tokens))  # on the pre-downsample input
+        x = self.dynamic_mobile(x, tokens[:, 0])
+        return x + self.drop_path(self.ffn(self.norm(x))), tokens
+
+
+class DynamicMobileFormer(nn.Module):
+    """DMF feature extractor: stem, lite bottleneck, 11 DMF blocks and the 6 tokens; no classifier.
+
+    ``forward`` returns the maps after blocks 1, 3, 7, 10 (NCHW, strides 4 / 8 / 16 / 32, channels
+    ``self.channels``).
+    """
+
+    def __init__(
+        self,
+        stem: int,
+        lite: Tuple[int, int],
+        expansions: Sequence[int],
+        channels: Sequence[int],
+        heads: Sequence[int],
+        groups: int,
+        ffn_ratio: float,
+        drop_path_rate: float = 0.1,
+        norm: str = "BN",
+        pooled_norm: str = "FrozenStatsBN",
+        temperature: float = 1.0,
+        grn: str = "dmf_code",
+        use_checkpoint: bool = False,
+    ):
+        super().__init__()
+        if not len(expansions) == len(channels) == len(heads) == len(BLOCK_STRIDES):
+            raise ValueError(f"expected {len(BLOCK_STRIDES)} blocks of expansions/channels/heads")
+        self.use_checkpoint = use_checkpoint
+        self.channels = [channels[i] for i in OUTPUT_BLOCKS]
+        self.tokens = nn.Parameter(torch.randn(1, NUM_TOKENS, TOKEN_DIM))  # N(0, 1), official
+        self.stem = Stem(stem, norm)
+        self.lite_bottleneck = Bottleneck(stem, lite[0], lite[1], norm, grn=None)
+        drop_paths = torch.linspace(0, drop_path_rate, DROP_PATH_SLOTS, device="cpu").tolist()
+        in_channels = [lite[1]] + list(channels[:-1])
+        self.blocks = nn.ModuleList(
+            DMFBlock(
+                in_channels[i],
+                expansions[i],
+                channels[i],
+                BLOCK_STRIDES[i],
+                heads[i],
+                groups,
+                ffn_ratio,
+                drop_paths[i],
+                norm,
+                pooled_norm,
+                temperature,
+                grn,
+            )
+            for i in range(len(BLOCK_STRIDES))
+        )
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        # official init; norms keep PyTorch's (1, 0), DYR convs and GRN their own
+        if isinstance(module, nn.Linear):
+            trunc_normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out")
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        x = self.lite_bottleneck(self.stem(x))
+        tokens = self.tokens.expand(x.shape[0], -1, -1)
+        outputs = []
+        for i, block in enumerate(self.blocks):
+            if self.use_checkpoint and self.training:
+                x, tokens = torch.utils.checkpoint.checkpoint(block, x, tokens, use_reentrant=False)
+            else:
+                x, tokens = block(x, tokens)
+            if i in OUTPUT_BLOCKS:
+                outputs.append(x)
+        return outputs
+
+
+class D2DynamicMobileFormer(PyramidBackbone):
+    """Detectron2 backbone around ``DynamicMobileFormer``: named outputs ``res2`` ... ``res5``.
+
+    DMF has no stage modules (11 blocks in one list), so ``freeze`` works on blocks and
+    ``stem_and_stages`` is not used.
+    """
+
+    def __init__(
+        self,
+        variant: str,
+        out_features: Sequence[str] = FEATURE_NAMES,
+        drop_path_rate: float = 0.1,
+        norm: str = "BN",
+        pooled_norm: str = "FrozenStatsBN",
+        kernel_temperature: float = 1.0,
+        grn: str = "dmf_code",
+        output_norm: bool = False,
+        freeze_at: int = 0,
+        frozen_blocks: int = 0,
+        use_checkpoint: bool = False,
+    ):
+        """
+        Args:
+            variant: "xxs", "xs" or "s" (paper Table 1).
+            out_features: subset of ("res2", "res3", "res4", "res5").
+            drop_path_rate: stochastic depth; 0.1 is the paper's and the official detection value.
+            norm: norm of every BatchNorm on feature maps ("BN", "SyncBN", "FrozenBN", ...).
+            pooled_norm: norm of the kernel attentions' BatchNorm on pooled (B, 192) vectors:
+                "FrozenStatsBN", "FrozenBN", or "BN" / "SyncBN" (batch statistics, as the
+                official code; needs >= 2 images per norm group in training).
+            kernel_temperature: T in the kernel attention's sigmoid(logits / T).
+            grn: "dmf_code" or "convnextv2" (module docstring).
+            output_norm: a fresh LayerNorm on each output (the official backbone has none).
+            freeze_at: 0 nothing; 1 the stem, lite bottleneck and tokens; k >= 2 also the DMF
+                blocks of stages res2 ... res_k.
+            frozen_blocks: freeze DMF blocks 0 ... frozen_blocks - 1 only (4: the paper's).
+            use_checkpoint: recompute each block in the backward pass to save memory.
+        """
+        super().__init__()
+        if not 0 <= frozen_blocks <= len(BLOCK_STRIDES):
+            raise ValueError(f"frozen_blocks={frozen_blocks}: expected 0 ... {len(BLOCK_STRIDES)}")
+        self.frozen_blocks = frozen_blocks
+        self._frozen_modules: List[nn.Module] = []
+        self.net = DynamicMobileFormer(
+            **variant_config(variant),
+            drop_path_rate=drop_path_rate,
+            norm=norm,
+            pooled_norm=pooled_norm,
+            temperature=kernel_temperature,
+            grn=grn,
+            use_checkpoint=use_checkpoint,
+        )
+        self._init_outputs(out_features, output_norm, freeze_at)
+
+    def freeze(self, freeze_at: int) -> None:
+        """Freeze by ``freeze_at`` (stem, lite bottleneck and tokens for >= 1; the blocks of
+        res2 ... res_k for k >= 2) and the first ``self.frozen_blocks`` blocks.
+
+        Frozen parameters stop requiring gradients, frozen BatchNorms become FrozenBatchNorm2d,
+        and frozen modules stay in eval mode (no drop path) whatever ``train()`` asks.
+        """
+        if not 0 <= freeze_at <= len(FEATURE_NAMES) + 1:
+            raise ValueError(f"freeze_at={freeze_at}: expected 0 ... {len(FEATURE_NAMES) + 1}")
+        num_blocks = self.frozen_blocks
+        if freeze_at >= 2:
+            num_blocks = max(num_blocks, OUTPUT_BLOCKS[freeze_at - 2] + 1)
+        frozen = list(self.net.blocks[:num_blocks])
+        if freeze_at >= 1:
+            frozen += [self.net.stem, self.net.lite_bottleneck]
+            self.net.tokens.requires_grad = False
+        for module in frozen:
+            for param in module.parameters():
+                param.requires_grad = False
+            FrozenBatchNorm2d.convert_frozen_batchnorm(module)
+        self._frozen_modules = frozen
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> "D2DynamicMobileFormer":
+        super().train(mode)
+        for module in self._frozen_modules:
+            module.eval()
+        return self
+
+
+@BACKBONE_REGISTRY.register()
+def build_dmf_backbone(cfg, input_shape: ShapeSpec) -> D2DynamicMobileFormer:
+    """Build a D2DynamicMobileFormer from ``cfg.MODEL.DMF`` and ``MODEL.BACKBONE.FREEZE_AT``."""
+    if input_shape.channels != 3:
+        raise ValueError(f"DMF expects 3 input channels, got {input_shape.channels}")
+    dmf = cfg.MODEL.DMF
+    return D2DynamicMobileFormer(
+        variant=dmf.VARIANT,
+        out_features=dmf.OUT_FEATURES,
+        drop_path_rate=dmf.DROP_PATH_RATE,
+        norm=norm_for_device(dmf.NORM, cfg.MODEL.DEVICE),
+        pooled_norm=norm_for_device(dmf.POOLED_NORM, cfg.MODEL.DEVICE),
+        kernel_temperature=dmf.KERNEL_TEMPERATURE,
+        grn=dmf.GRN,
+        output_norm=dmf.OUTPUT_NORM,
+        freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT,
+        frozen_blocks=dmf.FROZEN_BLOCKS,
+        use_checkpoint=dmf.USE_CHECKPOINT,
+    )

@@ -2,6 +2,8 @@
 
 from .dilateformer import VARIANTS as DILATEFORMER_VARIANTS
 from .dilateformer import D2DilateFormer, DilateFormer, build_dilateformer_backbone
+from .dmformer import VARIANTS as DMFORMER_VARIANTS
+from .dmformer import D2DMFormer, DMFormer, build_dmformer_backbone
 from .fpn import build_hybrid_fpn_backbone, build_hybrid_retinanet_backbone
 from .mixformer import VARIANTS as MIXFORMER_VARIANTS
 from .mixformer import D2MixFormer, MixFormer, build_mixformer_backbone
@@ -11,6 +13,10 @@ __all__ = [
     "DILATEFORMER_VARIANTS",
     "DilateFormer",
     "build_dilateformer_backbone",
+    "D2DMFormer",
+    "DMFORMER_VARIANTS",
+    "DMFormer",
+    "build_dmformer_backbone",
     "D2MixFormer",
     "MIXFORMER_VARIANTS",
     "MixFormer",

@@ -5,9 +5,14 @@
     PYTHONPATH=. python tools/benchmark_backbones.py --device cuda       # GPU, when there is one
 
 Models: DilateFormer-S with each stage-3 attention mode (window 7), DilateFormer-S "mixed" with
-its MSDA computed the official way (nn.Unfold; tests/backbones/dilateformer_reference.py), and
-Detectron2's ResNet-50 (``build_resnet_backbone``, default config with outputs res2-res5). Batch 1,
-``torch.no_grad``, eval mode; the backbone alone, without FPN or heads.
+its MSDA computed the official way (nn.Unfold; tests/backbones/dilateformer_reference.py),
+DMFormer-S with its default dilated branches ("auto": fused on CPU) and with three separate convs,
+and Detectron2's ResNet-50 (``build_resnet_backbone``, default config with outputs res2-res5).
+Batch 1, ``torch.no_grad``, eval mode; the backbone alone, without FPN or heads.
+
+GFLOPs: fvcore's count (hybrid_d2.layers.flop_count_analysis, one multiply-add = one FLOP) of the
+model at the benchmark size, taken after the timed runs; "ms/GFLOP" relates latency to it, as a
+ratio to ResNet-50's. (Tracing runs DMFormer's branches as the three convs the paper counts.)
 
 Every model runs in fresh subprocesses. Latency: median (and min) wall time per image over the
 timed repeats, after warm-up runs, with the default allocator. Peak memory on CPU, in a second
@@ -65,12 +70,23 @@ def _resnet50() -> nn.Module:
     return build_resnet_backbone(cfg, ShapeSpec(channels=3))
 
 
+def _dmformer(branches: str) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        from hybrid_d2.backbones import D2DMFormer
+
+        return D2DMFormer("s", branches=branches)
+
+    return build
+
+
 REFERENCE_MODEL = "ResNet-50 (Detectron2)"
 MODELS: Dict[str, Callable[[], nn.Module]] = {
     "DilateFormer-S stage3=global": _dilateformer("global"),
     "DilateFormer-S stage3=window": _dilateformer("window"),
     "DilateFormer-S stage3=mixed": _dilateformer("mixed"),
     "DilateFormer-S stage3=mixed, unfold MSDA": _dilateformer("mixed", unfold=True),
+    "DMFormer-S": _dmformer("auto"),
+    "DMFormer-S branches=separate": _dmformer("separate"),
     REFERENCE_MODEL: _resnet50,
 }
 
@@ -81,7 +97,9 @@ def _max_rss_mib() -> float:
 
 
 def measure(name: str, device: str, height: int, width: int, warmup: int, repeats: int) -> dict:
-    """Latency and memory of one model in this process."""
+    """Latency, memory and FLOPs of one model in this process."""
+    from hybrid_d2.layers import flop_count_analysis
+
     torch.manual_seed(0)
     model = MODELS[name]().eval().to(device)
     image = torch.randn(1, 3, height, width, device=device)
@@ -102,11 +120,15 @@ def measure(name: str, device: str, height: int, width: int, warmup: int, repeat
             if i >= warmup:
                 times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _max_rss_mib()
+    with torch.no_grad():
+        flops = flop_count_analysis(model, image).unsupported_ops_warnings(False)
+        flops = flops.uncalled_modules_warnings(False).total()
     return {
         "model": name,
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
         "median_ms": statistics.median(times) * 1e3,
         "min_ms": min(times) * 1e3,
+        "gflops": flops / 1e9,
         "base_mib": base,
         "peak_mib": peak,
     }
@@ -175,20 +197,23 @@ def main(argv: Optional[List[str]] = None) -> int:
         f"{args.warmup} warm-up + {args.repeats} timed runs, torch {torch.__version__}\n"
     )
     print(
-        f"| model | params (M) | median ms (min) | x {REFERENCE_MODEL} (median) "
-        f"| {memory}: base / peak / added (MiB) |"
+        f"| model | params (M) | GFLOPs | median ms (min) | x {REFERENCE_MODEL} (median) "
+        f"| ms/GFLOP (x {REFERENCE_MODEL}) | {memory}: base / peak / added (MiB) |"
     )
-    print("|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     # the reference first, so that every row can give its ratio
     names = sorted(args.models, key=lambda name: name != REFERENCE_MODEL)
-    reference_ms = None
+    reference = None
     for name in names:
         r = measure_model(name, args)
-        reference_ms = r["median_ms"] if name == REFERENCE_MODEL else reference_ms
-        ratio = f"{r['median_ms'] / reference_ms:.2f}" if reference_ms else "-"
+        r["ms_per_gflop"] = r["median_ms"] / r["gflops"]
+        reference = r if name == REFERENCE_MODEL else reference
+        ratio = f"{r['median_ms'] / reference['median_ms']:.2f}" if reference else "-"
+        per_flop = f"{r['ms_per_gflop'] / reference['ms_per_gflop']:.2f}" if reference else "-"
         print(
-            f"| {r['model']} | {r['params_m']:.1f} | {r['median_ms']:.0f} ({r['min_ms']:.0f}) | "
-            f"{ratio} | {r['base_mib']:.0f} / {r['peak_mib']:.0f} / "
+            f"| {r['model']} | {r['params_m']:.1f} | {r['gflops']:.1f} | "
+            f"{r['median_ms']:.0f} ({r['min_ms']:.0f}) | {ratio} | "
+            f"{r['ms_per_gflop']:.1f} ({per_flop}) | {r['base_mib']:.0f} / {r['peak_mib']:.0f} / "
             f"{r['peak_mib'] - r['base_mib']:.0f} |",
             flush=True,
         )

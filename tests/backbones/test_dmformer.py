@@ -442,3 +442,15 @@ def test_out_features_subset_without_output_norms():
     assert count(backbone) == BACKBONE_PARAMS["s"]
     assert backbone.size_divisibility == 32
     assert backbone.padding_constraints == {"size_divisibility": 32}
+
+
+@pytest.mark.parametrize("variant", ["s", "l"])
+def test_mask_rcnn_parameter_count(variant):
+    """The backbone under Detectron2's standard Mask R-CNN FPN heads (80 classes), which add
+    19,904,240 + 256 * sum(C) + 1,024 parameters, plus our four output LayerNorms."""
+    from detectron2.modeling import build_model
+
+    from conftest import REPO_ROOT, load_config
+
+    model = build_model(load_config(REPO_ROOT / f"configs/dmformer_{variant}_mask_rcnn_1x.yaml"))
+    assert count(model) == {"s": 46_269_488, "l": 64_558_448}[variant] + OUTPUT_NORM_PARAMS

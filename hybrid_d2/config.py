@@ -16,6 +16,7 @@ def add_hybrid_config(cfg: CN) -> None:
     _add_dilateformer_config(cfg)
     _add_dualformer_config(cfg)
     _add_dmf_config(cfg)
+    _add_dmformer_config(cfg)
     _add_solver_config(cfg)
 
 
@@ -113,6 +114,26 @@ def _add_dmf_config(cfg: CN) -> None:
     cfg.MODEL.DMF.OUTPUT_NORM = False
     # Recompute each block in the backward pass to save activation memory.
     cfg.MODEL.DMF.USE_CHECKPOINT = False
+
+
+def _add_dmformer_config(cfg: CN) -> None:
+    cfg.MODEL.DMFORMER = CN()
+    cfg.MODEL.DMFORMER.VARIANT = "s"  # s, l (paper Table 2)
+    cfg.MODEL.DMFORMER.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    # Not in the paper; our detection default is 0.1 for S and 0.2 for L (docs/dmformer.md).
+    cfg.MODEL.DMFORMER.DROP_PATH_RATE = 0.1
+    # Every BatchNorm of the backbone: "SyncBN" (batch statistics over all devices, so that
+    # 1 image per device trains; Detectron2's naiveSyncBN off CUDA), "BN" (per-device
+    # statistics) or "FrozenBN" (fixed statistics, e.g. fine-tuning from ImageNet weights).
+    cfg.MODEL.DMFORMER.NORM = "SyncBN"
+    # The DMA's three dilated depth-wise convs: "separate" (three convs), "fused" (one depth-wise
+    # conv with the summed 19x19 kernel; same function) or "auto": fused for CPU inference,
+    # separate otherwise, the faster form of each as measured (docs/dmformer.md).
+    cfg.MODEL.DMFORMER.BRANCHES = "auto"
+    # A fresh LayerNorm on each output (the blocks end in an un-normalised residual stream).
+    cfg.MODEL.DMFORMER.OUTPUT_NORM = True
+    # Recompute each block in the backward pass to save activation memory.
+    cfg.MODEL.DMFORMER.USE_CHECKPOINT = False
 
 
 def _add_solver_config(cfg: CN) -> None:

@@ -18,19 +18,22 @@ from torch.nn.parallel import DistributedDataParallel
 from conftest import REPO_ROOT, load_config
 
 # Each family's COCO config, as trained on GPUs (MixFormer: SyncBN in the convolution branch;
-# DilateFormer: FrozenBN; DMF: SyncBN, blocks 0-3 frozen, FrozenStatsBN on pooled vectors).
+# DilateFormer: FrozenBN; DMF: SyncBN, blocks 0-3 frozen, FrozenStatsBN on pooled vectors;
+# DMFormer: SyncBN everywhere).
 # Drop path is off: its per-sample masks depend on the batch layout.
 CONFIGS = {
     "mixformer": "configs/mixformer_b1_mask_rcnn_1x.yaml",
     "dilateformer": "configs/dilateformer_t_mask_rcnn_1x.yaml",
     "dualformer": "configs/dualformer_t_mask_rcnn_1x.yaml",
     "dmf": "configs/dmf_s_mask_rcnn_1x.yaml",
+    "dmformer": "configs/dmformer_s_mask_rcnn_1x.yaml",
 }
 _DROP_PATH_KEY = {
     "mixformer": "MODEL.MIXFORMER.DROP_PATH_RATE",
     "dilateformer": "MODEL.DILATEFORMER.DROP_PATH_RATE",
     "dualformer": "MODEL.DUALFORMER.DROP_PATH_RATE",
     "dmf": "MODEL.DMF.DROP_PATH_RATE",
+    "dmformer": "MODEL.DMFORMER.DROP_PATH_RATE",
 }
 
 

@@ -6,13 +6,15 @@
 
 Models: DilateFormer-S with each stage-3 attention mode (window 7), DilateFormer-S "mixed" with
 its MSDA computed the official way (nn.Unfold; tests/backbones/dilateformer_reference.py),
-DualFormer-S (FrozenBN, as ResNet-50) with each intra-partition mode, DMF-XXS/XS/S (FrozenBN;
+DMFormer-S with its default dilated branches ("auto": fused on CPU) and with three separate
+convs, DualFormer-S (FrozenBN, as ResNet-50) with each intra-partition mode, DMF-XXS/XS/S (FrozenBN;
 dynamic convs as one grouped convolution over the batch) and DMF-S with its dynamic convs run one
 sample at a time (tests/backbones/dmf_reference.py), and Detectron2's ResNet-50
 (``build_resnet_backbone``, default config with outputs res2-res5). ``--batch`` images (default 1)
 per forward, ``torch.no_grad``, eval mode; the backbone alone, without FPN or heads. GFLOPs:
 fvcore with hybrid_d2's handles (``hybrid_d2.layers.flop_count_analysis``; one multiply-add = one
 FLOP), counted after the timed runs; "ms / GFLOP" is the median latency per GFLOP.
+(Tracing runs DMFormer's branches as the three convs the paper counts.)
 
 Every model runs in fresh subprocesses. Latency: median (and min) wall time per image over the
 timed repeats, after warm-up runs, with the default allocator. Peak memory on CPU, in a second
@@ -95,6 +97,15 @@ def _resnet50() -> nn.Module:
     return build_resnet_backbone(cfg, ShapeSpec(channels=3))
 
 
+def _dmformer(branches: str) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        from hybrid_d2.backbones import D2DMFormer
+
+        return D2DMFormer("s", branches=branches)
+
+    return build
+
+
 REFERENCE_MODEL = "ResNet-50 (Detectron2)"
 MODELS: Dict[str, Callable[[], nn.Module]] = {
     "DilateFormer-S stage3=global": _dilateformer("global"),
@@ -107,6 +118,8 @@ MODELS: Dict[str, Callable[[], nn.Module]] = {
     "DMF-XS": _dmf("xs"),
     "DMF-S": _dmf("s"),
     "DMF-S, per-sample-loop dynamic conv": _dmf("s", per_sample_loop=True),
+    "DMFormer-S": _dmformer("auto"),
+    "DMFormer-S branches=separate": _dmformer("separate"),
     REFERENCE_MODEL: _resnet50,
 }
 
@@ -149,6 +162,7 @@ def measure(
         "gflops": gflops,
         "median_ms": statistics.median(times) * 1e3,
         "min_ms": min(times) * 1e3,
+        "gflops": flops / 1e9,
         "base_mib": base,
         "peak_mib": peak,
     }

@@ -6,6 +6,8 @@ from .dualformer import VARIANTS as DUALFORMER_VARIANTS
 from .dualformer import D2DualFormer, DualFormer, build_dualformer_backbone
 from .dmf import VARIANTS as DMF_VARIANTS
 from .dmf import D2DynamicMobileFormer, DynamicMobileFormer, build_dmf_backbone
+from .dmformer import VARIANTS as DMFORMER_VARIANTS
+from .dmformer import D2DMFormer, DMFormer, build_dmformer_backbone
 from .fpn import build_hybrid_fpn_backbone, build_hybrid_retinanet_backbone
 from .mixformer import VARIANTS as MIXFORMER_VARIANTS
 from .mixformer import D2MixFormer, MixFormer, build_mixformer_backbone
@@ -23,6 +25,10 @@ __all__ = [
     "DMF_VARIANTS",
     "DynamicMobileFormer",
     "build_dmf_backbone",
+    "D2DMFormer",
+    "DMFORMER_VARIANTS",
+    "DMFormer",
+    "build_dmformer_backbone",
     "D2MixFormer",
     "MIXFORMER_VARIANTS",
     "MixFormer",

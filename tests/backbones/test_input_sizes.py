@@ -12,7 +12,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import randomize_batchnorms
-from hybrid_d2.backbones import D2DilateFormer, D2DualFormer, D2DynamicMobileFormer, D2MixFormer
+from hybrid_d2.backbones import (
+    D2DilateFormer,
+    D2DMFormer,
+    D2DualFormer,
+    D2DynamicMobileFormer,
+    D2MixFormer,
+)
 from hybrid_d2.layers.backbone import MIN_INPUT_SIZE
 
 STRIDES = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
@@ -48,6 +54,8 @@ def backbone(family: str, mode: str = "", window_size: int = 7):
         model = D2DualFormer("tiny", norm="FrozenBN", intra_mode=mode, drop_path_rate=0.0)
     elif family == "dmf":
         model = D2DynamicMobileFormer("xxs", drop_path_rate=0.0, norm="FrozenBN")
+    elif family == "dmformer":  # SyncBN in the configs: naiveSyncBN on CPU, BN in one process
+        model = D2DMFormer("s", drop_path_rate=0.0, norm="naiveSyncBN")
     else:
         model = D2DilateFormer(
             "tiny", stage3_attention=mode, window_size=window_size, drop_path_rate=0.0
@@ -134,9 +142,33 @@ def test_dmf_output_sizes(height, width, batch, train, seed):
     check_outputs(backbone("dmf"), batch, height, width, train, seed)
 
 
+@settings(max_examples=30, deadline=None)
+@given(
+    height=SIDES,
+    width=SIDES,
+    batch=st.integers(1, 2),
+    train=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_dmformer_output_sizes(height, width, batch, train, seed):
+    model = backbone("dmformer")
+    if train and batch == 1 and height <= 32 and width <= 32:
+        # a 1x1 res5 map of one image has no batch statistics (SyncBN pools them over devices)
+        with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+            check_outputs(model, batch, height, width, train, seed)
+    else:
+        check_outputs(model, batch, height, width, train, seed)
+
+
 @pytest.mark.parametrize(
     "family, mode",
-    [("mixformer", ""), ("dilateformer", "mixed"), ("dualformer", "pool"), ("dmf", "")],
+    [
+        ("mixformer", ""),
+        ("dilateformer", "mixed"),
+        ("dualformer", "pool"),
+        ("dmf", ""),
+        ("dmformer", ""),
+    ],
 )
 @pytest.mark.parametrize("height, width", [(31, 64), (64, 31), (31, 31), (0, 64), (64, 0)])
 def test_too_small_inputs_are_refused(family, mode, height, width):

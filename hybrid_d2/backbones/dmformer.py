@@ -1,0 +1,440 @@
+"""DMFormer backbone (Wei et al., "DMFormer: Closing the Gap Between CNN and Vision Transformers",
+ICASSP 2023, arXiv 2209.07738) for Detectron2.
+
+The paper publishes no code and no weights, and its text leaves the stem widths, the inter-stage
+downsampling, the MLP's contents and the gate's width open. Each is resolved by reproducing the
+paper's parameter and FLOP counts (docs/dmformer.md has the derivation):
+
+* stem (§2.2): 7x7 s2 -> 3x3 s1 -> 2x2 s2 convs, 64 channels throughout, BN (+ ReLU on the first
+  two);
+* downsampling before stages 2-4: 3x3 stride-2 conv + BN (as VAN's OverlapPatchEmbed);
+* MLP (Eq. 6): fc1 -> depth-wise 3x3 -> GELU -> fc2 (the text names only the two FCs; every
+  reported count needs the depth-wise conv, as in VAN);
+* gate (Eq. 2): FC(C -> C) -> ReLU -> FC(C -> C) -> sigmoid, from GAP of the DMA input.
+
+Additions for detection:
+
+* Every BatchNorm is built from ``norm`` (Detectron2's names: "SyncBN" by default in the configs,
+  "BN", "FrozenBN"); frozen stages get FrozenBatchNorm2d.
+* The 2x2 stride-2 stem conv zero-pads an odd map on the bottom/right, so that res2 ... res5 are
+  ceil(H / stride) like every backbone of this package (the paper's stem drops the last row).
+* The three dilated depth-wise branches can run as three convs ("separate") or as one depth-wise
+  conv whose 19x19 kernel is the sum of the three dilated kernels ("fused"); both compute the same
+  function of the same parameters. The default "auto" takes whichever measured faster on CPU
+  (docs/dmformer.md): fused, on a channels-last map, for CPU inference; separate, channels-first,
+  for training, on CUDA and under FLOP tracing.
+* Activation checkpointing recomputes a block with its BatchNorms' momentum at 0, so that the
+  running statistics are updated once per step, as without checkpointing.
+"""
+
+import contextlib
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import BACKBONE_REGISTRY
+from timm.layers import DropPath, trunc_normal_
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..layers import FEATURE_NAMES, PyramidBackbone, get_norm, norm_for_device
+
+__all__ = [
+    "BRANCH_MODES",
+    "VARIANTS",
+    "D2DMFormer",
+    "DMFormer",
+    "build_dmformer_backbone",
+    "variant_config",
+]
+
+# Paper Table 2. drop_path_rate is our detection default (the paper never mentions drop path).
+VARIANTS = {
+    "s": dict(depths=(2, 2, 6, 2), drop_path_rate=0.1),
+    "l": dict(depths=(3, 3, 12, 3), drop_path_rate=0.2),
+}
+DIMS = (64, 128, 320, 512)  # Table 2: C1 ... C4, both variants
+MLP_RATIOS = (8, 8, 4, 4)  # Table 2: ER
+DMA_RATIO = 4  # Table 2: r
+KERNELS = (3, 5, 7)  # §2.1: "3x3, 5x5, 7x7 depth-wise convolution"
+DILATIONS = (1, 2, 3)  # §2.1: "for branches with kernel size 5x5 and 7x7 ... dilated rates 2, 3"
+BRANCH_MODES = ("auto", "separate", "fused")
+
+
+def uses_fused_branches(mode: str, x: torch.Tensor) -> bool:
+    """Whether the dilated branches run fused: always for "fused", never for "separate"; for
+    "auto" in CPU inference only (no autograd, not traced), where it is the faster form
+    (docs/dmformer.md). Training and FLOP counting see the three convs of the paper."""
+    if mode == "auto":
+        return x.device.type == "cpu" and not torch.is_grad_enabled() and not torch.jit.is_tracing()
+    return mode == "fused"
+
+
+def variant_config(variant: str) -> dict:
+    """The depths and detection drop-path rate of a DMFormer variant ("s", "l")."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown DMFormer variant {variant!r}; expected one of {sorted(VARIANTS)}")
+    return dict(VARIANTS[variant])
+
+
+class Pointwise(nn.Conv2d):
+    """1x1 conv. On a channels-last map it runs as one GEMM over the (B, H, W, C) view, without a
+    layout copy; PyTorch's conv dispatch sends 1x1 convs to its slower im2col path on one thread."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(in_channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_contiguous(memory_format=torch.channels_last):
+            out = F.linear(x.permute(0, 2, 3, 1), self.weight.flatten(1), self.bias)
+            return out.permute(0, 3, 1, 2)
+        return super().forward(x)
+
+
+class ConvStem(nn.Module):
+    """§2.2 Eq. (4): 7x7 s2 -> 3x3 s1 -> non-overlapping 2x2 s2 conv; (B, 3, H, W) -> stride 4."""
+
+    def __init__(self, dim: int, norm: str):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, dim, 7, stride=2, padding=3)
+        self.norm1 = get_norm(norm, dim)
+        self.conv2 = nn.Conv2d(dim, dim, 3, padding=1)
+        self.norm2 = get_norm(norm, dim)
+        self.conv3 = nn.Conv2d(dim, dim, 2, stride=2)
+        self.norm3 = get_norm(norm, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """-> (B, C, ceil(H / 4), ceil(W / 4)); an odd stride-2 map is zero-padded bottom/right."""
+        x = F.relu(self.norm1(self.conv1(x)))
+        x = F.relu(self.norm2(self.conv2(x)))
+        height, width = x.shape[-2:]
+        x = F.pad(x, (0, width % 2, 0, height % 2))
+        return self.norm3(self.conv3(x))
+
+
+class Downsample(nn.Module):
+    """Between stages: 3x3 stride-2 conv C_in -> C_out, then BN; (H, W) -> ceil((H, W) / 2)."""
+
+    def __init__(self, in_dim: int, out_dim: int, norm: str):
+        super().__init__()
+        self.conv = nn.Conv2d(in_dim, out_dim, 3, stride=2, padding=1)
+        self.norm = get_norm(norm, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.conv(x))
+
+
+class DilatedBranches(nn.Module):
+    """Eq. (1) X1 + X2 + X3: parallel depth-wise convs with kernels k_i and dilations d_i, summed.
+
+    "separate" runs one conv per branch; "fused" one depth-wise conv whose kernel (side
+    max d_i (k_i - 1) + 1, 19 for 3/5/7 with 1/2/3) is the sum of the dilated branch kernels, with
+    the summed biases. Both compute the same function of the same parameters.
+    """
+
+    def __init__(self, channels: int, kernels: Sequence[int], dilations: Sequence[int], mode: str):
+        super().__init__()
+        if mode not in BRANCH_MODES:
+            raise ValueError(f"unknown branch mode {mode!r}; expected one of {BRANCH_MODES}")
+        if len(kernels) != len(dilations) or any(k % 2 == 0 for k in kernels):
+            raise ValueError(
+                f"kernels {tuple(kernels)} and dilations {tuple(dilations)}: expected odd kernels, "
+                "one dilation each"
+            )
+        self.mode = mode
+        self.branches = nn.ModuleList(
+            nn.Conv2d(channels, channels, k, padding=d * (k - 1) // 2, dilation=d, groups=channels)
+            for k, d in zip(kernels, dilations)
+        )
+
+    def fused_kernel(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The (C, 1, S, S) kernel and (C,) bias of the single equivalent depth-wise conv."""
+        span = max(conv.dilation[0] * (conv.kernel_size[0] - 1) + 1 for conv in self.branches)
+        first = self.branches[0].weight
+        weight = first.new_zeros(first.shape[0], 1, span, span)
+        for conv in self.branches:
+            d, k = conv.dilation[0], conv.kernel_size[0]
+            start = (span - d * (k - 1) - 1) // 2
+            taps = slice(start, start + d * (k - 1) + 1, d)
+            weight[:, :, taps, taps] += conv.weight
+        bias = sum(conv.bias for conv in self.branches)
+        return weight, bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if uses_fused_branches(self.mode, x):
+            weight, bias = self.fused_kernel()
+            return F.conv2d(x, weight, bias, padding=weight.shape[-1] // 2, groups=x.shape[1])
+        out = self.branches[0](x)
+        for conv in self.branches[1:]:
+            out = out + conv(x)
+        return out
+
+
+class DynamicMultilevelAttention(nn.Module):
+    """DMA, §2.1 Eq. (1)-(3), on the block's BN-normalised (B, C, H, W) input X.
+
+    XE = expand(X) (C -> rC, no activation); XP = ReLU(BN(X1 + X2 + X3)); X' = X + reduce(XP);
+    output = sigmoid(FC(ReLU(FC(GAP(X))))) * proj(X'). ``gate=False`` drops the gate (output =
+    proj(X')), the paper's "w/o gating" ablation.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        ratio: int,
+        kernels: Sequence[int],
+        dilations: Sequence[int],
+        norm: str,
+        branches: str,
+        gate: bool = True,
+    ):
+        super().__init__()
+        hidden = dim * ratio
+        self.expand = Pointwise(dim, hidden)
+        self.branches = DilatedBranches(hidden, kernels, dilations, branches)
+        self.norm = get_norm(norm, hidden)
+        self.reduce = Pointwise(hidden, dim)
+        self.proj = Pointwise(dim, dim)  # Eq. (3): a second 1x1 conv, on X'
+        # Eq. (2): two FCs of width C (a reduction would miss the paper's parameter counts)
+        self.gate = (
+            nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim), nn.Sigmoid())
+            if gate
+            else None
+        )
+
+    def channel_attention(self, x: torch.Tensor) -> torch.Tensor:
+        """Eq. (2): the (B, C, 1, 1) attention vector Attn in (0, 1) from GAP(X)."""
+        return self.gate(x.mean(dim=(2, 3)))[:, :, None, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        multi_level = F.relu(self.norm(self.branches(self.expand(x))))  # Eq. (1) XP
+        out = self.proj(x + self.reduce(multi_level))  # Eq. (1) X', Eq. (3) Conv1x1(X')
+        return out if self.gate is None else self.channel_attention(x) * out  # Eq. (3)
+
+
+class Mlp(nn.Module):
+    """Eq. (6) on (B, C, H, W): fc1 (1x1) -> depth-wise 3x3 (``dwconv``) -> GELU -> fc2 (1x1)."""
+
+    def __init__(self, dim: int, ratio: int, dwconv: bool = True):
+        super().__init__()
+        hidden = dim * ratio
+        self.fc1 = Pointwise(dim, hidden)
+        self.dwconv = (
+            nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden) if dwconv else nn.Identity()
+        )
+        self.fc2 = Pointwise(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.dwconv(self.fc1(x))))
+
+
+class DMFormerBlock(nn.Module):
+    """Eq. (5)-(6): Y = X + DMA(BN(X)), Z = Y + MLP(BN(Y)), drop path on both residual branches."""
+
+    def __init__(
+        self, dim: int, mlp_ratio: int, mlp_dwconv: bool, drop_path: float, norm: str, **dma_args
+    ):
+        """``dma_args``: the DynamicMultilevelAttention arguments other than dim and norm."""
+        super().__init__()
+        self.norm1 = get_norm(norm, dim)
+        self.dma = DynamicMultilevelAttention(dim, norm=norm, **dma_args)
+        self.norm2 = get_norm(norm, dim)
+        self.mlp = Mlp(dim, mlp_ratio, mlp_dwconv)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.dma(self.norm1(x)))  # Eq. (5)
+        return x + self.drop_path(self.mlp(self.norm2(x)))  # Eq. (6)
+
+
+@contextlib.contextmanager
+def running_stats_frozen(module: nn.Module) -> Iterator[None]:
+    """Let ``module``'s BatchNorms normalise with batch statistics without updating their running
+    statistics (momentum 0; num_batches_tracked restored): a checkpointed block's recomputation."""
+    norms = [m for m in module.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (momentum, tracked) in zip(norms, saved):
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(tracked)
+
+
+class Stage(nn.Module):
+    """Blocks at one resolution, then (except in the last stage) the downsampler."""
+
+    def __init__(
+        self,
+        blocks: Sequence[DMFormerBlock],
+        downsample: Optional[Downsample],
+        use_checkpoint: bool,
+    ):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.downsample = downsample
+        self.use_checkpoint = use_checkpoint
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Returns the stage output and its downsampled version (None in the last stage)."""
+        for block in self.blocks:
+            if self.use_checkpoint and self.training:
+                x = torch.utils.checkpoint.checkpoint(
+                    block,
+                    x,
+                    use_reentrant=False,
+                    context_fn=lambda b=block: (contextlib.nullcontext(), running_stats_frozen(b)),
+                )
+            else:
+                x = block(x)
+        return x, self.downsample(x) if self.downsample is not None else None
+
+
+class DMFormer(nn.Module):
+    """DMFormer feature extractor: conv stem and four stages, without the classification head.
+
+    ``forward`` returns the four stage outputs (NCHW, strides 4/8/16/32, channels ``dims``), each
+    taken after the stage's last block and before the downsampler that feeds the next stage.
+    """
+
+    def __init__(
+        self,
+        depths: Sequence[int],
+        dims: Sequence[int] = DIMS,
+        mlp_ratios: Sequence[int] = MLP_RATIOS,
+        dma_ratio: int = DMA_RATIO,
+        kernels: Sequence[int] = KERNELS,
+        dilations: Sequence[int] = DILATIONS,
+        gate: bool = True,
+        mlp_dwconv: bool = True,
+        drop_path_rate: float = 0.0,
+        norm: str = "BN",
+        branches: str = "auto",
+        use_checkpoint: bool = False,
+    ):
+        """
+        Args:
+            depths, dims, mlp_ratios, dma_ratio: Table 2's N_i, C_i, ER and r.
+            kernels, dilations: the DMA's depth-wise branches (§2.1).
+            gate, mlp_dwconv: the resolved architecture when True; False gives the paper's
+                "w/o gating" ablation and the text-literal MLP (two FCs only).
+            norm: every BatchNorm ("BN", "SyncBN", "FrozenBN", ...).
+            branches: "auto", "separate" or "fused" dilated depth-wise convs (module
+                docstring; same function).
+        """
+        super().__init__()
+        if not len(depths) == len(dims) == len(mlp_ratios) == 4:
+            raise ValueError(
+                f"depths {tuple(depths)}, dims {tuple(dims)}, mlp_ratios {tuple(mlp_ratios)}: "
+                "expected 4 stages each"
+            )
+        self.channels = list(dims)
+        self.branches = branches
+        self.stem = ConvStem(dims[0], norm)
+        # stochastic depth rises linearly over all blocks (timm / VAN rule)
+        drop_paths = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
+        dma_args = dict(
+            ratio=dma_ratio,
+            kernels=kernels,
+            dilations=dilations,
+            branches=branches,
+            gate=gate,
+        )
+        self.stages = nn.ModuleList()
+        for i, (dim, depth, ratio) in enumerate(zip(dims, depths, mlp_ratios)):
+            first = sum(depths[:i])
+            blocks = [
+                DMFormerBlock(dim, ratio, mlp_dwconv, rate, norm, **dma_args)
+                for rate in drop_paths[first : first + depth]
+            ]
+            downsample = Downsample(dim, dims[i + 1], norm) if i < 3 else None
+            self.stages.append(Stage(blocks, downsample, use_checkpoint))
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        # VAN's initialisation (the paper states none); BatchNorms keep weight 1, bias 0
+        if isinstance(module, nn.Linear):
+            trunc_normal_(module.weight, std=0.02)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Conv2d):
+            fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels
+            nn.init.normal_(module.weight, 0.0, (2.0 * module.groups / fan_out) ** 0.5)
+            nn.init.zeros_(module.bias)
+
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        if x.device.type == "cpu" and uses_fused_branches(self.branches, x):
+            # oneDNN's depth-wise kernel is fast on channels-last maps only (docs/dmformer.md)
+            x = x.contiguous(memory_format=torch.channels_last)
+        x = self.stem(x)
+        outputs = []
+        for stage in self.stages:
+            out, x = stage(x)
+            outputs.append(out)
+        return outputs
+
+
+class D2DMFormer(PyramidBackbone):
+    """Detectron2 backbone around ``DMFormer``: named outputs ``res2`` ... ``res5``."""
+
+    def __init__(
+        self,
+        variant: str,
+        out_features: Sequence[str] = FEATURE_NAMES,
+        drop_path_rate: Optional[float] = None,
+        norm: str = "BN",
+        branches: str = "auto",
+        output_norm: bool = True,
+        freeze_at: int = 0,
+        use_checkpoint: bool = False,
+    ):
+        """
+        Args:
+            variant: "s" or "l" (paper Table 2).
+            out_features: subset of ("res2", "res3", "res4", "res5").
+            drop_path_rate: stochastic depth; None means the variant's detection default.
+            norm: every BatchNorm: "BN", "SyncBN" (or "naiveSyncBN" off CUDA), "FrozenBN", ...
+            branches: "auto", "separate" or "fused" dilated depth-wise convs (module docstring).
+            output_norm: apply a fresh LayerNorm to each output.
+            freeze_at: 0 freezes nothing, 1 the stem, k >= 2 the stem and stages res2 ... res_k
+                (each with the downsampler that feeds it).
+            use_checkpoint: recompute each block in the backward pass to save memory.
+        """
+        super().__init__()
+        config = variant_config(variant)
+        if drop_path_rate is None:
+            drop_path_rate = config["drop_path_rate"]
+        self.depths = tuple(config["depths"])
+        self.net = DMFormer(
+            self.depths,
+            drop_path_rate=drop_path_rate,
+            norm=norm,
+            branches=branches,
+            use_checkpoint=use_checkpoint,
+        )
+        self._init_outputs(out_features, output_norm, freeze_at)
+
+    def stem_and_stages(self) -> Tuple[nn.Module, Sequence[nn.Module]]:
+        return self.net.stem, self.net.stages
+
+
+@BACKBONE_REGISTRY.register()
+def build_dmformer_backbone(cfg, input_shape: ShapeSpec) -> D2DMFormer:
+    """Build a D2DMFormer from ``cfg.MODEL.DMFORMER`` and ``cfg.MODEL.BACKBONE.FREEZE_AT``."""
+    if input_shape.channels != 3:
+        raise ValueError(f"DMFormer expects 3 input channels, got {input_shape.channels}")
+    dm = cfg.MODEL.DMFORMER
+    return D2DMFormer(
+        variant=dm.VARIANT,
+        out_features=dm.OUT_FEATURES,
+        drop_path_rate=dm.DROP_PATH_RATE,
+        norm=norm_for_device(dm.NORM, cfg.MODEL.DEVICE),
+        branches=dm.BRANCHES,
+        output_norm=dm.OUTPUT_NORM,
+        freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT,
+        use_checkpoint=dm.USE_CHECKPOINT,
+    )

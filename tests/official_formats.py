@@ -111,3 +111,28 @@ def write_deit_checkpoint(
         },
         path,
     )
+
+
+def dmf_classifier_tail(last_channels: int = 120, conv_channels: int = 960) -> dict:
+    """The XXS classifier's tensors (paper Table 1): end_mobile2former, end_former, the dynamic
+    1x1 conv 120 -> 960 with its kernel attention, its BatchNorm, FC1 1152 -> 1600, FC2 -> 1000."""
+    bn = {s: torch.ones(conv_channels) for s in ("weight", "bias", "running_mean", "running_var")}
+    tail = {
+        "end_mobile2former.norm.weight": torch.ones(192),
+        "end_mobile2former.norm.bias": torch.zeros(192),
+        "end_mobile2former.q.weight": torch.randn(last_channels, 192),
+        "end_mobile2former.fc.weight": torch.randn(192, last_channels),
+        "end_former.token_attention.qkv.weight": torch.randn(576, 192),
+        "end_former.mlp.fc1.weight": torch.randn(384, 192),
+        "channel_conv.static_weight": torch.randn(conv_channels, last_channels, 1, 1),
+        "channel_conv.weight": torch.randn(8, conv_channels, last_channels, 1, 1),
+        "channel_conv.Kernel_Attention.net1.weight": torch.randn(192, 192 + last_channels, 1, 1),
+        "channel_conv.Kernel_Attention.bn.num_batches_tracked": torch.tensor(5),
+        "bn.num_batches_tracked": torch.tensor(5),
+        "head.fc1.weight": torch.randn(1600, 960 + 192),
+        "head.fc1.bias": torch.zeros(1600),
+        "head.fc2.weight": torch.randn(1000, 1600),
+        "head.fc2.bias": torch.zeros(1000),
+    }
+    tail.update({f"bn.{name}": t for name, t in bn.items()})
+    return tail

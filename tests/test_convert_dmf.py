@@ -11,6 +11,7 @@ import torch
 from detectron2.modeling import build_model
 
 from conftest import load_config, randomize_batchnorms
+from official_formats import dmf_classifier_tail as classifier_tail
 from hybrid_d2.backbones import DynamicMobileFormer
 from hybrid_d2.backbones.dmf import DynamicResidualConv2d, variant_config
 from hybrid_d2.checkpoint import (
@@ -30,31 +31,6 @@ SPEC.loader.exec_module(convert_cli)
 VARIANT = "xxs"
 CONFIG = REPO / "configs" / "dmf_xxs_retinanet_1x.yaml"  # SyncBN, blocks 0-3 frozen (FrozenBN)
 IMAGE = torch.randn(1, 3, 61, 77, generator=torch.Generator().manual_seed(0))
-
-
-def classifier_tail(last_channels: int = 120, conv_channels: int = 960) -> dict:
-    """The XXS classifier's tensors (paper Table 1): end_mobile2former, end_former, the dynamic
-    1x1 conv 120 -> 960 with its kernel attention, its BatchNorm, FC1 1152 -> 1600, FC2 -> 1000."""
-    bn = {s: torch.ones(conv_channels) for s in ("weight", "bias", "running_mean", "running_var")}
-    tail = {
-        "end_mobile2former.norm.weight": torch.ones(192),
-        "end_mobile2former.norm.bias": torch.zeros(192),
-        "end_mobile2former.q.weight": torch.randn(last_channels, 192),
-        "end_mobile2former.fc.weight": torch.randn(192, last_channels),
-        "end_former.token_attention.qkv.weight": torch.randn(576, 192),
-        "end_former.mlp.fc1.weight": torch.randn(384, 192),
-        "channel_conv.static_weight": torch.randn(conv_channels, last_channels, 1, 1),
-        "channel_conv.weight": torch.randn(8, conv_channels, last_channels, 1, 1),
-        "channel_conv.Kernel_Attention.net1.weight": torch.randn(192, 192 + last_channels, 1, 1),
-        "channel_conv.Kernel_Attention.bn.num_batches_tracked": torch.tensor(5),
-        "bn.num_batches_tracked": torch.tensor(5),
-        "head.fc1.weight": torch.randn(1600, 960 + 192),
-        "head.fc1.bias": torch.zeros(1600),
-        "head.fc2.weight": torch.randn(1000, 1600),
-        "head.fc2.bias": torch.zeros(1000),
-    }
-    tail.update({f"bn.{name}": t for name, t in bn.items()})
-    return tail
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +60,7 @@ def official(network) -> dict:
     return state
 
 
-def official_container(official: dict, with_args: bool) -> dict:
+def official_container(official: dict) -> dict:
     """What the official ``utils.save_model`` writes (``args`` is the argparse.Namespace)."""
     container = {
         "model": official,
@@ -92,9 +68,8 @@ def official_container(official: dict, with_args: bool) -> dict:
         "optimizer": {"state": {}, "param_groups": [{"lr": 6e-3, "params": [0, 1]}]},
         "epoch": 466,
         "scaler": {"scale": 65536.0, "growth_factor": 2.0},
+        "args": argparse.Namespace(model="dmf_198", input_size=224, temp_init=30.0),
     }
-    if with_args:
-        container["args"] = argparse.Namespace(model="dmf_198", input_size=224, temp_init=30.0)
     return container
 
 
@@ -121,7 +96,7 @@ def load_into_shipped_detector(path: Path):
 def test_converter_drops_the_classifier_and_reproduces_the_network(
     network, official, expected_outputs, tmp_path
 ):
-    container = official_container(official, with_args=True)
+    container = official_container(official)
     state_dict, dropped = CONVERTERS["dmf"](container["model"], VARIANT)
     assert sorted(dropped) == sorted(classifier_tail())
     assert all(k.startswith("backbone.bottom_up.net.") for k in state_dict)
@@ -139,10 +114,9 @@ def test_converter_drops_the_classifier_and_reproduces_the_network(
 
 @pytest.mark.parametrize("ema", [False, True])
 def test_cli_converts_a_training_checkpoint(official, expected_outputs, tmp_path, ema, capsys):
-    """The CLI on the official container without its ``args`` entry (the shared loader's
-    weights_only handling of argparse.Namespace is tested with the loader)."""
+    """The CLI on the official container, ``args`` namespace included."""
     source = tmp_path / "checkpoint-467.pth"
-    torch.save(official_container(official, with_args=False), source)
+    torch.save(official_container(official), source)
     output = tmp_path / "dmf_xxs.pth"
     argv = ["--family", "dmf", "--variant", VARIANT, str(source), str(output)]
     assert convert_cli.main(argv + (["--ema"] if ema else [])) == 0

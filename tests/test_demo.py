@@ -333,6 +333,12 @@ def test_failure_mid_video_leaves_no_file(run_demo, mask_rcnn, inputs, tmp_path,
             ["pred_keypoints"],
             ["pred_masks"],
         ),
+        (
+            "dmf_s_retinanet_shapes.yaml",
+            "shapes_val",
+            ["pred_boxes"],
+            ["pred_masks", "pred_keypoints"],
+        ),
     ],
 )
 def test_frameworks(demo, inputs, config, dataset, fields, absent):

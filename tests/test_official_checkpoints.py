@@ -14,28 +14,35 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT, randomize_batchnorms, run_script
-from hybrid_d2.backbones import DilateFormer, MixFormer
+from hybrid_d2.backbones import DilateFormer, DynamicMobileFormer, MixFormer
 from hybrid_d2.backbones.dilateformer import variant_config as dilateformer_variant
+from hybrid_d2.backbones.dmf import DynamicResidualConv2d
+from hybrid_d2.backbones.dmf import variant_config as dmf_variant
 from hybrid_d2.backbones.mixformer import variant_config as mixformer_variant
 from hybrid_d2.checkpoint import SafeCheckpointer
 from official_formats import (
     dilateformer_official_state,
+    dmf_classifier_tail,
     mixformer_paddle_state,
     write_deit_checkpoint,
     write_pdparams,
 )
 
+# The DMF classifier tail's input and width per variant (paper Table 1).
+_DMF_TAILS = {"xxs": dict(last_channels=120, conv_channels=960)}
 IMAGE = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(0))
 NET_PREFIX = "backbone.bottom_up.net."
 # The variant name each family's configs use -> the converter's --variant.
 CONFIG_VARIANTS = {
     "mixformer": {f"b{i}": f"b{i}" for i in range(7)},
     "dilateformer": {"t": "tiny", "s": "small", "b": "base"},
+    "dmf": {"xxs": "xxs", "xs": "xs", "s": "s"},
 }
 # On shapes, at a small size: only what a shipped config cannot run here is overridden.
 SHAPES_EVAL = [
     "DATASETS.TEST", "('shapes_val',)",
     "MODEL.ROI_HEADS.NUM_CLASSES", 5,
+    "MODEL.RETINANET.NUM_CLASSES", 5,
     "INPUT.MIN_SIZE_TEST", 64,
     "INPUT.MAX_SIZE_TEST", 96,
     "TEST.DETECTIONS_PER_IMAGE", 5,
@@ -54,26 +61,34 @@ def _network(family: str, variant: str) -> torch.nn.Module:
         config = mixformer_variant(variant)
         config.pop("drop_path_rate")
         network = MixFormer(**config)
-    else:
+    elif family == "dilateformer":
         config = dilateformer_variant(variant)
         network = DilateFormer(
             config["embed_dim"], config["depths"], config["num_heads"], norm="BN"
         )
+    else:
+        network = DynamicMobileFormer(**dmf_variant(variant), norm="BN", pooled_norm="BN")
+        for conv in network.modules():  # dynamic kernels start at zero: they would test nothing
+            if isinstance(conv, DynamicResidualConv2d):
+                conv.weight.data.normal_(0, 0.05)
     randomize_batchnorms(network)
     return network.eval()
 
 
 def _write_official(family: str, variant: str, network, path: Path) -> Path:
-    """MixFormer: a .pdparams as numpy >= 2 writes it. DilateFormer: a DeiT-style training
+    """MixFormer: a .pdparams as numpy >= 2 writes it. DilateFormer, DMF: a DeiT-style training
     checkpoint whose EMA weights are the network (the README converts with --ema)."""
     if family == "mixformer":
         path = path / f"MixFormer_{variant.upper()}_pretrained.pdparams"
         write_pdparams(path, mixformer_paddle_state(network, variant), numpy2=True)
-    else:
-        path = path / "checkpoint.pth"
+        return path
+    if family == "dilateformer":
         state = dilateformer_official_state(network)
-        zeros = {k: torch.zeros_like(v) for k, v in state.items()}
-        write_deit_checkpoint(path, model=zeros, model_ema=state)
+    else:
+        state = {**network.state_dict(), **dmf_classifier_tail(**_DMF_TAILS[variant])}
+    path = path / "checkpoint.pth"
+    zeros = {k: torch.zeros_like(v) for k, v in state.items()}
+    write_deit_checkpoint(path, model=zeros, model_ema=state)
     return path
 
 
@@ -83,7 +98,7 @@ def converted(family: str, variant: str, folder: Path):
     network = _network(family, variant)
     official = _write_official(family, variant, network, folder)
     output = folder / f"{family}_{variant}_d2.pth"
-    ema = ["--ema"] if family == "dilateformer" else []
+    ema = ["--ema"] if family != "mixformer" else []
     result = run_script(
         "tools/convert_pretrained.py",
         ["--family", family, "--variant", variant, *ema, official, output],
@@ -99,8 +114,8 @@ def converted(family: str, variant: str, folder: Path):
 # The variants whose shipped configs are loaded: DilateFormer-S has a config for every framework
 # (RetinaNet without res2, Mask R-CNN 1x/3x, Cascade, keypoints, LVIS), MixFormer-B1 for
 # RetinaNet and Mask R-CNN; the configs of other variants differ only in the variant, and the
-# end-to-end test below walks MixFormer-B1 and DilateFormer-T.
-LOADED_VARIANTS = ("mixformer_b1_", "dilateformer_s_")
+# end-to-end test below walks MixFormer-B1, DilateFormer-T and DMF-XXS (RetinaNet).
+LOADED_VARIANTS = ("mixformer_b1_", "dilateformer_s_", "dmf_xxs_")
 
 
 def _shipped_configs():
@@ -152,7 +167,8 @@ def _checkpoint_report(log: str) -> str:
 
 
 @pytest.mark.parametrize(
-    "config", ["mixformer_b1_mask_rcnn_1x.yaml", "dilateformer_t_mask_rcnn_1x.yaml"]
+    "config",
+    ["mixformer_b1_mask_rcnn_1x.yaml", "dilateformer_t_mask_rcnn_1x.yaml", "dmf_xxs_retinanet_1x.yaml"],
 )
 def test_official_file_to_eval_only_and_demo(config, datasets_root, tmp_path_factory):
     """The README's commands: convert, train_net.py --eval-only MODEL.WEIGHTS, demo.py."""
@@ -172,7 +188,8 @@ def test_official_file_to_eval_only_and_demo(config, datasets_root, tmp_path_fac
     assert result.returncode == 0, log[-4000:]
     assert "contains keys that are not used by the model" not in log
     assert "bottom_up.net" not in _checkpoint_report(log)
-    assert "copypaste: Task: bbox" in log and "copypaste: Task: segm" in log
+    assert "copypaste: Task: bbox" in log
+    assert ("copypaste: Task: segm" in log) == ("mask_rcnn" in config)
 
     result = run_script(
         "demo/demo.py",

@@ -246,3 +246,31 @@ def test_files_that_are_not_checkpoints_fail_in_one_line(tmp_path, suffix, conte
             SafeCheckpointer(torch.nn.Linear(1, 1)).read(str(path))
     message = str(error.value)
     assert message.startswith(f"{path}: ") and "\n" not in message, message
+
+
+def _family_model(builder: str, key: str, variant: str) -> nn.Module:
+    return build_model(
+        load_config(SHAPES_CONFIG, ["MODEL.FPN.BOTTOM_UP", builder, key, variant])
+    )
+
+
+@pytest.mark.parametrize(
+    "builder, key, smaller, larger",
+    [
+        ("build_dualformer_backbone", "MODEL.DUALFORMER.VARIANT", "tiny", "xsmall"),
+        ("build_dmf_backbone", "MODEL.DMF.VARIANT", "xxs", "xs"),
+        ("build_dmformer_backbone", "MODEL.DMFORMER.VARIANT", "s", "l"),
+    ],
+    ids=["dualformer", "dmf", "dmformer"],
+)
+def test_another_variant_of_every_family_is_refused(builder, key, smaller, larger, tmp_path):
+    """A checkpoint of one variant into the other, either way, and into MixFormer-B1: refused by
+    key, whichever the family."""
+    small, large = _family_model(builder, key, smaller), _family_model(builder, key, larger)
+    for source, target, name in [(small, large, smaller), (large, small, larger)]:
+        path = tmp_path / f"{name}.pth"
+        torch.save({"model": source.state_dict()}, path)
+        with pytest.raises(CheckpointMismatchError, match=rf"^{re.escape(str(path))}: the checkpoint does not fit"):
+            SafeCheckpointer(target).load(str(path), checkpointables=[])
+    with pytest.raises(CheckpointMismatchError):
+        SafeCheckpointer(build_model(load_config(SHAPES_CONFIG))).load(str(path), checkpointables=[])

@@ -235,13 +235,22 @@ SHORT = [
 ]
 
 
-@pytest.mark.parametrize("processes", [1, 2])
-@pytest.mark.parametrize("framework", sorted(FRAMEWORK_CONFIGS))
-def test_every_framework_resumes_exactly(framework, processes, shapes_datasets, tmp_path):
+# Every other family's quick config, in one process.
+FAMILY_CONFIGS = {
+    "dualformer": "dualformer_t_mask_rcnn_shapes.yaml",
+    "dmf": "dmf_s_retinanet_shapes.yaml",
+    "dmformer": "dmformer_s_mask_rcnn_shapes.yaml",
+}
+RESUME_CASES = [(name, processes) for name in sorted(FRAMEWORK_CONFIGS) for processes in (1, 2)]
+RESUME_CASES += [(name, 1) for name in sorted(FAMILY_CONFIGS)]
+
+
+@pytest.mark.parametrize("name, processes", RESUME_CASES)
+def test_every_framework_resumes_exactly(name, processes, shapes_datasets, tmp_path):
     """Killed (the whole process group) after iteration 2, before checkpoint 3, and resumed from
     checkpoint 1: iterations 2-3 must repeat the uninterrupted run's, with every process's
     running statistics (RetinaNet's loss normalizer) restored."""
-    config = REPO_ROOT / "configs/shapes" / FRAMEWORK_CONFIGS[framework]
+    config = REPO_ROOT / "configs/shapes" / {**FRAMEWORK_CONFIGS, **FAMILY_CONFIGS}[name]
     launch = functools.partial(
         _launch, datasets_root=shapes_datasets, config=config, processes=processes,
         overrides=SHORT,
@@ -257,7 +266,7 @@ def test_every_framework_resumes_exactly(framework, processes, shapes_datasets, 
     proc = launch(out, tmp_path / "resumed.log", resume=True)
     assert proc.wait(timeout=TIMEOUT) == 0, (tmp_path / "resumed.log").read_text()[-5000:]
     assert "Starting training from iteration 2" in (tmp_path / "resumed.log").read_text()
-    _check_same_run(out, reference, SHORT_MAX_ITER, f"{framework}, {processes} processes")
+    _check_same_run(out, reference, SHORT_MAX_ITER, f"{name}, {processes} processes")
 
 
 # --- the seekable stream, in-process ---------------------------------------------------------

@@ -49,7 +49,7 @@ def _shifted_views(
                 padded_w,
                 1,
             )
-            yield padded.as_strided(sizes, strides, padded.storage_offset() + start)
+            yield padded.as_strided(sizes, strides, start)
 
 
 def _heads(q: torch.Tensor, groups: int, num_heads: int) -> Tuple[int, ...]:
@@ -70,16 +70,19 @@ class _DilatedAttention(torch.autograd.Function):
         v_pad = F.pad(v, (pad, pad, pad, pad))
         heads = _heads(q, len(dilations), num_heads)  # (B, G, heads/G, head_dim, H, W)
         q_heads = q.unflatten(1, heads[1:4])
-        logits = q.new_empty(*heads[:3], kernel_size**2, height, width)
-        for j, k_j in enumerate(_shifted_views(k_pad, num_heads, dilations, kernel_size, pad)):
-            torch.sum(q_heads * k_j, dim=3, out=logits[:, :, :, j])
+        # (B, G, heads/G, k*k, H, W) logits; no out= into slices, which Dynamo cannot trace
+        logits = torch.stack(
+            [
+                (q_heads * k_j).sum(3)
+                for k_j in _shifted_views(k_pad, num_heads, dilations, kernel_size, pad)
+            ],
+            dim=3,
+        )
         attn = torch.softmax(logits.mul_(scale), dim=3)  # Eq. (2), over the k*k keys
-        out = q.new_empty(heads)
-        for j, v_j in enumerate(_shifted_views(v_pad, num_heads, dilations, kernel_size, pad)):
-            if j == 0:
-                torch.mul(attn[:, :, :, :1], v_j, out=out)
-            else:
-                out.addcmul_(attn[:, :, :, j : j + 1], v_j)
+        v_views = _shifted_views(v_pad, num_heads, dilations, kernel_size, pad)
+        out = attn[:, :, :, :1] * next(v_views)
+        for j, v_j in enumerate(v_views, start=1):
+            out.addcmul_(attn[:, :, :, j : j + 1], v_j)
         ctx.save_for_backward(q, k_pad, v_pad, attn)
         ctx.config = (num_heads, tuple(dilations), kernel_size, pad, scale)
         attn = attn.flatten(1, 2)
@@ -95,14 +98,15 @@ class _DilatedAttention(torch.autograd.Function):
         heads = _heads(q, len(dilations), num_heads)
         grad_out = grad_out.contiguous().view(heads)
         grad_v_pad = torch.zeros_like(v_pad)
-        grad_attn = torch.empty_like(attn)
+        grad_attn = []
         views = zip(
             _shifted_views(v_pad, num_heads, dilations, kernel_size, pad),
             _shifted_views(grad_v_pad, num_heads, dilations, kernel_size, pad),
         )
         for j, (v_j, grad_v_j) in enumerate(views):
-            torch.sum(grad_out * v_j, dim=3, out=grad_attn[:, :, :, j])
+            grad_attn.append((grad_out * v_j).sum(3))
             grad_v_j.addcmul_(attn[:, :, :, j : j + 1], grad_out)
+        grad_attn = torch.stack(grad_attn, dim=3)
         # softmax backward, then the 1/sqrt(d) scale
         grad_logits = grad_attn.sub_((attn * grad_attn).sum(3, keepdim=True)).mul_(attn).mul_(scale)
         q_heads = q.unflatten(1, heads[1:4])

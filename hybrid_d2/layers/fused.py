@@ -27,7 +27,9 @@ _HAS_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn,
 def _use_onednn(x: torch.Tensor, *modules: nn.Module) -> bool:
     if not _HAS_ONEDNN or x.device.type != "cpu" or x.dtype != torch.float32:
         return False
-    if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.is_autocast_enabled("cpu"):
+    if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling():
+        return False
+    if torch.is_autocast_enabled("cpu"):
         return False
     if not torch.is_grad_enabled():
         return True

@@ -25,9 +25,12 @@ def _shifted_views(
     padded: torch.Tensor, num_heads: int, dilations: Sequence[int], kernel_size: int, pad: int
 ) -> Iterator[torch.Tensor]:
     """The k*k shifted (B, groups, heads/groups, head_dim, H, W) views of a (B, C, H + 2*pad,
-    W + 2*pad) map, in
-    row-major window order (that of ``nn.Unfold``), Eq. (3): key (i + p*r, j + q*r) for query
-    (i, j), r the dilation of the query's head.
+    W + 2*pad) map, in row-major window order (that of ``nn.Unfold``), Eq. (3): key
+    (i + p*r, j + q*r) for query (i, j), r the dilation of the query's head.
+
+    ``padded`` must be a freshly allocated contiguous map (storage offset 0, as ``F.pad`` and
+    ``zeros_like`` return): the offsets are absolute, which torch.compile needs (Dynamo cannot
+    trace ``storage_offset()``).
 
     Head groups are contiguous channel blocks; group g has dilation r_g = r_0 + g * step. Its
     window start moves linearly with g, so one strided view covers all groups at once.

@@ -6,9 +6,10 @@ over full-resolution maps. oneDNN computes the bias and the activation in the GE
 epilogue, and a frozen BatchNorm folds into the convolution's weights. PyTorch exposes these
 kernels as ``torch.ops.mkldnn._linear_pointwise`` / ``_convolution_pointwise`` (TorchInductor's CPU
 backend calls them); they have no autograd formula, so they are used only where nothing needs a
-gradient: fp32 CPU tensors, outside autocast and tracing (fvcore's FLOP counter traces the plain
-ops). Everything else, training included, takes the plain path. Both paths compute the same
-function; results differ by fp32 summation order only (relative ~1e-6).
+gradient: fp32 CPU tensors, outside autocast, tracing (fvcore's FLOP counter and TorchScript export
+trace the plain ops) and torch.compile (Inductor fuses the plain ops itself). Everything else,
+training included, takes the plain path. Both paths compute the same function; results differ by
+fp32 summation order only (relative ~1e-6).
 """
 
 from typing import Optional, Tuple
@@ -25,9 +26,11 @@ _HAS_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn,
 
 
 def _use_onednn(x: torch.Tensor, *modules: nn.Module) -> bool:
-    if not _HAS_ONEDNN or x.device.type != "cpu" or x.dtype != torch.float32:
+    # first: under torch.compile the kernels' folded weights are no graph constants, and Inductor
+    # fuses the plain ops itself
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
         return False
-    if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling():
+    if not _HAS_ONEDNN or x.device.type != "cpu" or x.dtype != torch.float32:
         return False
     if torch.is_autocast_enabled("cpu"):
         return False

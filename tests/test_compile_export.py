@@ -66,8 +66,7 @@ def _run(model, image, training: bool):
 @pytest.mark.parametrize("name", list(BACKBONES))
 def test_inductor_compiled_backbone_equals_eager(name):
     """torch.compile(fullgraph=True) with Inductor at a fixed size, eval mode: one graph for all
-    blocks and both calls, eager's outputs. Eager takes the fused oneDNN kernels of
-    hybrid_d2.layers.fused, the compiled graph Inductor's own."""
+    blocks and both calls, eager's outputs."""
     torch.manual_seed(0)
     model = BACKBONES[name]().eval()
     images = [torch.randn(1, 3, 64, 96) for _ in range(2)]

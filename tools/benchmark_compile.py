@@ -10,13 +10,11 @@ default config, outputs res2-res5); the backbone alone, batch 1, eval mode, ``to
 
 Ways of running each (``--variants``):
 
-* ``eager``: plain eager PyTorch, which on CPU takes the oneDNN kernels of
-  ``hybrid_d2/layers/fused.py`` (Linear + GELU and conv + frozen BN + GELU in one kernel);
-* ``eager, no fused.py``: eager with those kernels switched off (the plain ops; ResNet-50 has none);
+* ``eager``: plain eager PyTorch;
 * ``compiled``: ``torch.compile(model, fullgraph=True)``, Inductor's defaults;
 * ``compiled, freezing``: the same with ``options={"freezing": True}``: the weights become graph
   constants, so Inductor folds BatchNorms into convolutions and runs Linear/conv through oneDNN with
-  their pointwise epilogues fused, what ``fused.py`` does by hand.
+  their pointwise epilogues (bias, GELU) in the same kernel.
 
 Every (model, variant) pair is built in this one process, compiled at the benchmark size (the first
 call, reported as compile time, then one more warm-up call), and checked against eager (largest
@@ -27,16 +25,15 @@ median and to compiled ResNet-50's median. Recompilation during the timed rounds
 """
 
 import argparse
-import contextlib
 import copy
 import os
 import statistics
 import sys
 import time
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Callable, Dict, List, Optional
 
 REFERENCE_MODEL = "ResNet-50 (Detectron2)"
-VARIANTS = ("eager", "eager, no fused.py", "compiled", "compiled, freezing")
+VARIANTS = ("eager", "compiled", "compiled, freezing")
 
 
 def _mixformer_b1():
@@ -68,19 +65,6 @@ MODELS: Dict[str, Callable] = {
 }
 
 
-@contextlib.contextmanager
-def _fused_kernels(enabled: bool) -> Iterator[None]:
-    """Switch hybrid_d2's oneDNN inference kernels on or off for the duration."""
-    from hybrid_d2.layers import fused
-
-    saved = fused._HAS_ONEDNN
-    fused._HAS_ONEDNN = saved and enabled
-    try:
-        yield
-    finally:
-        fused._HAS_ONEDNN = saved
-
-
 class Runner:
     """One (model, variant) pair: a callable that runs the model once on the benchmark image."""
 
@@ -88,7 +72,6 @@ class Runner:
         import torch
 
         self.name, self.variant, self.image = name, variant, image
-        self.fused = variant != "eager, no fused.py"
         if variant.startswith("compiled"):
             options = {"freezing": True} if variant == "compiled, freezing" else None
             # a copy per compiled variant, so that freezing's constants belong to one model
@@ -101,7 +84,7 @@ class Runner:
     def __call__(self):
         import torch
 
-        with torch.no_grad(), _fused_kernels(self.fused):
+        with torch.no_grad():
             return self.model(self.image)
 
     def timed(self) -> float:
@@ -149,8 +132,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         model = MODELS[name]().eval()
         eager = None
         for variant in args.variants:
-            if variant == "eager, no fused.py" and name == REFERENCE_MODEL:
-                continue  # ResNet-50 never uses fused.py: the same as "eager"
             runner = Runner(name, variant, model, image)
             start = time.perf_counter()
             outputs = runner()  # compiles a compiled variant

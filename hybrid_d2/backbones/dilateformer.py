@@ -40,17 +40,14 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY
-from timm.layers import DropPath, trunc_normal_
+from timm.layers import DropPath, Mlp, trunc_normal_
 from torch import nn
 
 from ..layers import (
     FEATURE_NAMES,
-    FusedMlp,
     PyramidBackbone,
-    conv_norm_act,
     dilated_attention,
     get_norm,
-    linear_act,
     norm_for_device,
     pad_to_multiple,
     window_attention_mask,
@@ -155,10 +152,7 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, H', W', C) channels-last, H' = ceil(ceil(H / 2) / 2)."""
-        layers = list(self.proj)
-        for conv, norm in zip(layers[0:-1:3], layers[1::3]):  # conv, norm, GELU triples
-            x = conv_norm_act(x, conv, norm, gelu=True)
-        return _channels_last(layers[-1](x)).contiguous()
+        return _channels_last(self.proj(x)).contiguous()
 
 
 class Downsample(nn.Module):
@@ -170,8 +164,7 @@ class Downsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) -> (B, ceil(H / 2), ceil(W / 2), 2C)."""
-        conv, norm = self.proj
-        return _channels_last(conv_norm_act(_channels_first(x), conv, norm)).contiguous()
+        return _channels_last(self.proj(_channels_first(x))).contiguous()
 
 
 class MultiDilateAttention(nn.Module):
@@ -223,12 +216,12 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, height, width, dim = x.shape
-        qkv = linear_act(x, self.qkv)
+        qkv = self.qkv(x)
         if self.kind == _G:
             q, k, v = self._heads(qkv.view(batch, height * width, -1))
             out = F.scaled_dot_product_attention(q, k, v)  # scale head_dim**-0.5
             out = out.transpose(1, 2).reshape(batch, height, width, dim)
-            return linear_act(out, self.proj)
+            return self.proj(out)
 
         ws = self.window_size
         fits = height <= ws and width <= ws
@@ -246,7 +239,7 @@ class Attention(nn.Module):
         out = window_reverse(out, ws, padded_size, padded_size)
         if shift:
             out = torch.roll(out, (shift, shift), dims=(1, 2))
-        return linear_act(out[:, :height, :width], self.proj)
+        return self.proj(out[:, :height, :width])
 
 
 class DilateBlock(nn.Module):
@@ -270,7 +263,7 @@ class DilateBlock(nn.Module):
             self.attn = Attention(dim, num_heads, attention, window_size)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
-        self.mlp = FusedMlp(dim, hidden_features=int(dim * mlp_ratio))
+        self.mlp = Mlp(dim, hidden_features=int(dim * mlp_ratio))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + _channels_last(self.pos_embed(_channels_first(x)))  # Eq. (6), no drop path

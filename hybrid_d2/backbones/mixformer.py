@@ -33,12 +33,11 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY
-from timm.layers import DropPath, trunc_normal_
+from timm.layers import DropPath, Mlp, trunc_normal_
 from torch import nn
 
 from ..layers import (
     FEATURE_NAMES,
-    FusedMlp,
     PyramidBackbone,
     get_norm,
     norm_for_device,
@@ -221,7 +220,7 @@ class MixingBlock(nn.Module):
         self.attn = MixingAttention(dim, num_heads, window_size, norm, pooled_norm)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = FusedMlp(dim, hidden_features=int(dim * mlp_ratio))
+        self.mlp = Mlp(dim, hidden_features=int(dim * mlp_ratio))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[1:3]

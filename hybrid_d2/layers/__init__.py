@@ -2,7 +2,6 @@
 
 from .backbone import FEATURE_NAMES, PyramidBackbone
 from .dilated_attention import dilated_attention
-from .fused import FusedMlp, conv_norm_act, linear_act
 from .flops import FLOP_HANDLES, flop_count_analysis
 from .norm import FrozenStatsBatchNorm2d, get_norm, norm_for_device
 from .window_masks import window_attention_mask
@@ -12,13 +11,10 @@ __all__ = [
     "FEATURE_NAMES",
     "FLOP_HANDLES",
     "FrozenStatsBatchNorm2d",
-    "FusedMlp",
     "PyramidBackbone",
-    "conv_norm_act",
     "dilated_attention",
     "flop_count_analysis",
     "get_norm",
-    "linear_act",
     "norm_for_device",
     "pad_to_multiple",
     "relative_position_index",

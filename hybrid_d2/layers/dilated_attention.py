@@ -9,25 +9,30 @@ Instead of unfolding k*k copies of the keys and values, the k*k offsets are visi
 other as strided views of a single zero-padded K and V (one view covers every head group); the
 attention logits/weights (B, heads, k*k, H, W) are the only k*k-sized tensors. Forward and
 backward are written out (``_DilatedAttention``), so that training stores only q, the padded k and
-v, and the attention weights.
+v, and the attention weights. ``torch.jit`` tracing (TorchScript and ONNX export) records the
+forward's plain ops instead, except inside ``traced_as_one_node`` (FLOP counting).
 """
 
+import contextlib
 from typing import Iterator, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-__all__ = ["FLOP_OP_NAME", "dilated_attention"]
+__all__ = ["FLOP_OP_NAME", "dilated_attention", "traced_as_one_node"]
 
 
 def _shifted_views(
     padded: torch.Tensor, num_heads: int, dilations: Sequence[int], kernel_size: int, pad: int
 ) -> Iterator[torch.Tensor]:
     """The k*k shifted (B, groups, heads/groups, head_dim, H, W) views of a (B, C, H + 2*pad,
-    W + 2*pad) map, in
-    row-major window order (that of ``nn.Unfold``), Eq. (3): key (i + p*r, j + q*r) for query
-    (i, j), r the dilation of the query's head.
+    W + 2*pad) map, in row-major window order (that of ``nn.Unfold``), Eq. (3): key
+    (i + p*r, j + q*r) for query (i, j), r the dilation of the query's head.
+
+    ``padded`` must be a freshly allocated contiguous map (storage offset 0, as ``F.pad`` and
+    ``zeros_like`` return): the offsets are absolute, which torch.compile needs (Dynamo cannot
+    trace ``storage_offset()``).
 
     Head groups are contiguous channel blocks; group g has dilation r_g = r_0 + g * step. Its
     window start moves linearly with g, so one strided view covers all groups at once.
@@ -49,7 +54,7 @@ def _shifted_views(
                 padded_w,
                 1,
             )
-            yield padded.as_strided(sizes, strides, padded.storage_offset() + start)
+            yield padded.as_strided(sizes, strides, start)
 
 
 def _heads(q: torch.Tensor, groups: int, num_heads: int) -> Tuple[int, ...]:
@@ -58,28 +63,41 @@ def _heads(q: torch.Tensor, groups: int, num_heads: int) -> Tuple[int, ...]:
     return (batch, groups, num_heads // groups, channels // num_heads, height, width)
 
 
+def _attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, dilations: Tuple[int, ...],
+    kernel_size: int,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, float]:
+    """The forward pass in differentiable ops: (out (B, G, heads/G, head_dim, H, W),
+    attn (B, G, heads/G, k*k, H, W), k_pad, v_pad, pad, scale)."""
+    channels = q.shape[1]
+    scale = (channels // num_heads) ** -0.5  # Eq. (2): 1 / sqrt(d_k)
+    pad = max(dilations) * (kernel_size // 2)
+    k_pad = F.pad(k, (pad, pad, pad, pad))
+    v_pad = F.pad(v, (pad, pad, pad, pad))
+    heads = _heads(q, len(dilations), num_heads)  # (B, G, heads/G, head_dim, H, W)
+    q_heads = q.unflatten(1, heads[1:4])
+    # the k*k logits stacked, not written with out= into slices, which Dynamo cannot trace
+    logits = torch.stack(
+        [
+            (q_heads * k_j).sum(3)
+            for k_j in _shifted_views(k_pad, num_heads, dilations, kernel_size, pad)
+        ],
+        dim=3,
+    )
+    attn = torch.softmax(logits.mul_(scale), dim=3)  # Eq. (2), over the k*k keys
+    v_views = _shifted_views(v_pad, num_heads, dilations, kernel_size, pad)
+    out = attn[:, :, :, :1] * next(v_views)
+    for j, v_j in enumerate(v_views, start=1):
+        out.addcmul_(attn[:, :, :, j : j + 1], v_j)
+    return out, attn, k_pad, v_pad, pad, scale
+
+
 class _DilatedAttention(torch.autograd.Function):
     """out, attn = SWDA per head group; attn is returned for inspection and FLOP counting."""
 
     @staticmethod
     def forward(ctx, q, k, v, num_heads, dilations, kernel_size):
-        batch, channels, height, width = q.shape
-        scale = (channels // num_heads) ** -0.5  # Eq. (2): 1 / sqrt(d_k)
-        pad = max(dilations) * (kernel_size // 2)
-        k_pad = F.pad(k, (pad, pad, pad, pad))
-        v_pad = F.pad(v, (pad, pad, pad, pad))
-        heads = _heads(q, len(dilations), num_heads)  # (B, G, heads/G, head_dim, H, W)
-        q_heads = q.unflatten(1, heads[1:4])
-        logits = q.new_empty(*heads[:3], kernel_size**2, height, width)
-        for j, k_j in enumerate(_shifted_views(k_pad, num_heads, dilations, kernel_size, pad)):
-            torch.sum(q_heads * k_j, dim=3, out=logits[:, :, :, j])
-        attn = torch.softmax(logits.mul_(scale), dim=3)  # Eq. (2), over the k*k keys
-        out = q.new_empty(heads)
-        for j, v_j in enumerate(_shifted_views(v_pad, num_heads, dilations, kernel_size, pad)):
-            if j == 0:
-                torch.mul(attn[:, :, :, :1], v_j, out=out)
-            else:
-                out.addcmul_(attn[:, :, :, j : j + 1], v_j)
+        out, attn, k_pad, v_pad, pad, scale = _attend(q, k, v, num_heads, dilations, kernel_size)
         ctx.save_for_backward(q, k_pad, v_pad, attn)
         ctx.config = (num_heads, tuple(dilations), kernel_size, pad, scale)
         attn = attn.flatten(1, 2)
@@ -95,14 +113,15 @@ class _DilatedAttention(torch.autograd.Function):
         heads = _heads(q, len(dilations), num_heads)
         grad_out = grad_out.contiguous().view(heads)
         grad_v_pad = torch.zeros_like(v_pad)
-        grad_attn = torch.empty_like(attn)
+        grad_attn = []
         views = zip(
             _shifted_views(v_pad, num_heads, dilations, kernel_size, pad),
             _shifted_views(grad_v_pad, num_heads, dilations, kernel_size, pad),
         )
         for j, (v_j, grad_v_j) in enumerate(views):
-            torch.sum(grad_out * v_j, dim=3, out=grad_attn[:, :, :, j])
+            grad_attn.append((grad_out * v_j).sum(3))
             grad_v_j.addcmul_(attn[:, :, :, j : j + 1], grad_out)
+        grad_attn = torch.stack(grad_attn, dim=3)
         # softmax backward, then the 1/sqrt(d) scale
         grad_logits = grad_attn.sub_((attn * grad_attn).sum(3, keepdim=True)).mul_(attn).mul_(scale)
         q_heads = q.unflatten(1, heads[1:4])
@@ -157,8 +176,25 @@ def dilated_attention(
             f"kernel_size={kernel_size}, dilations={list(dilations)}: expected an odd kernel size "
             "and positive dilations in arithmetic progression (e.g. 1, 2, 3)"
         )
+    if torch.jit.is_tracing() and not _TRACE_AS_ONE_NODE[0]:
+        # TorchScript / ONNX export: an autograd Function would be an unexportable Python call
+        out, attn = _attend(q, k, v, num_heads, tuple(dilations), kernel_size)[:2]
+        return out.view(q.shape), attn.flatten(1, 2).detach()
     return _DilatedAttention.apply(q, k, v, num_heads, tuple(dilations), kernel_size)
 
 
-# fvcore sees the autograd Function as one traced node of this kind
+# Inside ``traced_as_one_node`` a traced dilated_attention is one node of this kind (the autograd
+# Function), which FLOP counting reads (hybrid_d2.layers.flops); elsewhere it is traced as its ops.
 FLOP_OP_NAME = "prim::PythonOp." + _DilatedAttention.__name__
+_TRACE_AS_ONE_NODE = [False]
+
+
+@contextlib.contextmanager
+def traced_as_one_node() -> Iterator[None]:
+    """Within it, ``torch.jit`` tracing records dilated_attention as one ``FLOP_OP_NAME`` node."""
+    saved = _TRACE_AS_ONE_NODE[0]
+    _TRACE_AS_ONE_NODE[0] = True
+    try:
+        yield
+    finally:
+        _TRACE_AS_ONE_NODE[0] = saved

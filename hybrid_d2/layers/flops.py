@@ -12,6 +12,7 @@ from fvcore.nn.jit_handles import Handle, get_shape
 from torch import nn
 
 from .dilated_attention import FLOP_OP_NAME as DILATED_ATTENTION_OP
+from .dilated_attention import traced_as_one_node
 
 __all__ = ["FLOP_HANDLES", "flop_count_analysis"]
 
@@ -55,8 +56,17 @@ FLOP_HANDLES: Dict[str, Handle] = {
 }
 
 
+class _FlopCountAnalysis(FlopCountAnalysis):
+    """Traces dilated attention as the one node that its FLOP handle reads."""
+
+    def _analyze(self):
+        with traced_as_one_node():
+            return super()._analyze()
+
+
 def flop_count_analysis(model: nn.Module, inputs: Any) -> FlopCountAnalysis:
-    """``fvcore.nn.FlopCountAnalysis`` with ``FLOP_HANDLES`` added."""
+    """``fvcore.nn.FlopCountAnalysis`` with ``FLOP_HANDLES`` added, which also counts dilated
+    attention (a plain ``FlopCountAnalysis`` traces it as element-wise ops that fvcore skips)."""
     if isinstance(inputs, torch.Tensor):
         inputs = (inputs,)
-    return FlopCountAnalysis(model, inputs).set_op_handle(**FLOP_HANDLES)
+    return _FlopCountAnalysis(model, inputs).set_op_handle(**FLOP_HANDLES)

@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -16,11 +15,11 @@ from detectron2.layers import ShapeSpec
 from torch import nn
 
 from conftest import randomize_batchnorms
+from official_formats import mixformer_paddle_state
 from hybrid_d2.backbones import D2MixFormer, MixFormer, build_hybrid_fpn_backbone
 from hybrid_d2.backbones.mixformer import VARIANTS
 from hybrid_d2.checkpoint import CONVERTERS, convert_mixformer, load_checkpoint_file
 from hybrid_d2.config import add_hybrid_config
-from hybrid_d2.layers import relative_position_index
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = REPO / "tools" / "convert_pretrained.py"
@@ -43,33 +42,8 @@ def make_network() -> MixFormer:
 
 
 def to_paddle(network: MixFormer) -> dict:
-    """The network's weights under the official Paddle names and layouts (design note §7.2)."""
-    linears = {f"{n}.weight" for n, m in network.named_modules() if isinstance(m, nn.Linear)}
-    official = {}
-    for name, tensor in network.state_dict().items():
-        if name.endswith("num_batches_tracked"):
-            continue
-        array = tensor.numpy().copy()
-        if name in linears:
-            array = array.T.copy()  # Paddle Linear weights are [in, out]
-        name = name.replace(".running_mean", "._mean").replace(".running_var", "._variance")
-        official[name] = array
-    for name, module in network.named_modules():
-        if name.endswith(".attn"):
-            official[f"{name}.relative_position_index"] = relative_position_index(7).numpy()
-    c = 8 * VARIANTS[VARIANT]["embed_dim"]
-    rng = np.random.default_rng(0)
-    official.update(
-        {
-            "norm.weight": np.ones(c, np.float32),
-            "norm.bias": np.zeros(c, np.float32),
-            "last_proj.weight": rng.standard_normal((c, 1280), np.float32),
-            "last_proj.bias": np.zeros(1280, np.float32),
-            "head.weight": rng.standard_normal((1280, 1000), np.float32),
-            "head.bias": np.zeros(1000, np.float32),
-        }
-    )
-    return official
+    """The network's weights under the official Paddle names and layouts."""
+    return mixformer_paddle_state(network, VARIANT)
 
 
 @pytest.fixture(scope="module")

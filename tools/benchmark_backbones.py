@@ -162,7 +162,6 @@ def measure(
         "gflops": gflops,
         "median_ms": statistics.median(times) * 1e3,
         "min_ms": min(times) * 1e3,
-        "gflops": flops / 1e9,
         "base_mib": base,
         "peak_mib": peak,
     }

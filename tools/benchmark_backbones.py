@@ -71,6 +71,8 @@ def _dualformer(intra_mode: str) -> Callable[[], nn.Module]:
 
         return D2DualFormer("small", norm="FrozenBN", intra_mode=intra_mode)
 
+    return build
+
 
 def _dmf(variant: str, per_sample_loop: bool = False) -> Callable[[], nn.Module]:
     def build() -> nn.Module:

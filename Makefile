@@ -30,7 +30,7 @@ quickstart: install
 		--output $(QUICK_OUTPUT)/predictions --opts MODEL.WEIGHTS $(QUICK_OUTPUT)/model_final.pth
 
 test: install
-	$(PY) -m pytest -x -q --durations=25 tests
+	$(PY) -m pytest -x -q -n 2 --dist loadfile --durations=25 tests
 
 clean:
 	rm -rf $(VENV) output build *.egg-info

@@ -5,12 +5,23 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from torch import nn
 
 from hybrid_d2.data import ensure_shapes_dataset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHAPES_CONFIG = REPO_ROOT / "configs/shapes/mixformer_b1_mask_rcnn_shapes.yaml"
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (``-n N``) each worker, and each script it starts, gets its share of
+    the cores, so that N workers do not each start a thread per core."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1 and not os.environ.get("OMP_NUM_THREADS"):
+        threads = max(1, len(os.sched_getaffinity(0)) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

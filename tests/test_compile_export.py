@@ -8,24 +8,40 @@ from detectron2.modeling import build_model
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from conftest import REPO_ROOT, load_config
-from hybrid_d2.backbones import D2DilateFormer, D2MixFormer
+from hybrid_d2.backbones import D2DilateFormer, D2MixFormer, dilateformer, mixformer
 
 SHAPES_MASK_RCNN = REPO_ROOT / "configs/shapes/mixformer_b1_mask_rcnn_shapes.yaml"
-# "mixed" has window, shifted-window and global blocks in stage 3 (so it covers the other two
-# modes' blocks) and MSDA in stages 1-2; window 3 at 64x96 gives stage-3 maps of 4x6, so windows
-# are padded and masked and the shifted ones really shift
+# Shallow variants of B0 and Tiny: every kind of block once, so that a cold Inductor compile
+# takes seconds rather than minutes (its time grows with the number of blocks it unrolls).
+# Stage 3 "mixed" has one window, one shifted-window and one global block, stages 1-2 MSDA;
+# window 3 at 64x96 gives stage-3 maps of 4x6, so windows are padded and masked and the shifted
+# ones really shift.
+SHALLOW_VARIANTS = [
+    (mixformer.VARIANTS, dict(mixformer.VARIANTS["b0"], depths=(1, 1, 1, 1))),
+    (
+        dilateformer.VARIANTS,
+        dict(
+            dilateformer.VARIANTS["tiny"],
+            depths=(1, 1, 3, 1),
+            stage3_mixed=("window", "shifted", "global"),
+        ),
+    ),
+]
 BACKBONES = {
-    "mixformer": lambda: D2MixFormer("b0", drop_path_rate=0.0),
+    "mixformer": lambda: D2MixFormer("shallow", drop_path_rate=0.0),
     "dilateformer mixed": lambda: D2DilateFormer(
-        "tiny", stage3_attention="mixed", window_size=3, drop_path_rate=0.0
+        "shallow", stage3_attention="mixed", window_size=3, drop_path_rate=0.0
     ),
 }
 TOLERANCE = 1e-4
 
 
 @pytest.fixture(autouse=True)
-def fresh_dynamo():
-    """Every test starts without compiled code: the families share PyramidBackbone.forward."""
+def fresh_dynamo(monkeypatch):
+    """Every test starts without compiled code (the families share PyramidBackbone.forward),
+    with the shallow variants registered."""
+    for variants, config in SHALLOW_VARIANTS:
+        monkeypatch.setitem(variants, "shallow", config)
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()

@@ -257,3 +257,15 @@ def test_flags_after_the_overrides(datasets_root, tmp_path):
     )
     assert result.returncode == 2
     assert "--num-gpus after the KEY VALUE overrides: put it before them" in result.stderr
+
+
+def test_dist_url_defaults_to_a_free_port_on_one_machine():
+    """Two multi-process runs on one machine must not both take Detectron2's per-user port."""
+    from hybrid_d2.engine import parse_train_args
+
+    assert parse_train_args(["--num-gpus", "2"]).dist_url == "auto"
+    url = "tcp://10.0.0.1:29500"
+    assert parse_train_args(["--num-gpus", "2", "--dist-url", url]).dist_url == url
+    several = parse_train_args(["--num-machines", "2", "--machine-rank", "1", "--dist-url", url])
+    assert several.dist_url == url
+    assert parse_train_args(["--num-machines", "2"]).dist_url.startswith("tcp://127.0.0.1:")

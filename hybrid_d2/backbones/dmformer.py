@@ -39,7 +39,7 @@ from timm.layers import DropPath, trunc_normal_
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..layers import FEATURE_NAMES, PyramidBackbone, get_norm, norm_for_device
+from ..layers import FEATURE_NAMES, PyramidBackbone, get_norm, inference_affine, norm_for_device
 
 __all__ = [
     "BRANCH_MODES",
@@ -162,10 +162,19 @@ class DilatedBranches(nn.Module):
         bias = sum(conv.bias for conv in self.branches)
         return weight, bias
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, affine: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+    ) -> torch.Tensor:
+        """X1 + X2 + X3; in fused mode ``affine`` = (scale, shift) per channel may be folded into
+        the kernel, giving scale * (X1 + X2 + X3) + shift in the same pass."""
         if uses_fused_branches(self.mode, x):
             weight, bias = self.fused_kernel()
+            if affine is not None:
+                scale, shift = affine
+                weight, bias = weight * scale[:, None, None, None], bias * scale + shift
             return F.conv2d(x, weight, bias, padding=weight.shape[-1] // 2, groups=x.shape[1])
+        if affine is not None:
+            raise ValueError("an affine map folds into the fused branches only")
         out = self.branches[0](x)
         for conv in self.branches[1:]:
             out = out + conv(x)
@@ -208,8 +217,18 @@ class DynamicMultilevelAttention(nn.Module):
         """Eq. (2): the (B, C, 1, 1) attention vector Attn in (0, 1) from GAP(X)."""
         return self.gate(x.mean(dim=(2, 3)))[:, :, None, None]
 
+    def multi_level(self, x: torch.Tensor) -> torch.Tensor:
+        """Eq. (1) XP = ReLU(BN(X1 + X2 + X3)) of XE = expand(X). When the branches run fused and
+        the BN uses running statistics, the BN is folded into the fused kernel: one pass over
+        the rC-channel map instead of two."""
+        expanded = self.expand(x)
+        affine = inference_affine(self.norm) if uses_fused_branches(self.branches.mode, x) else None
+        if affine is not None:
+            return F.relu_(self.branches(expanded, affine))
+        return F.relu(self.norm(self.branches(expanded)))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        multi_level = F.relu(self.norm(self.branches(self.expand(x))))  # Eq. (1) XP
+        multi_level = self.multi_level(x)
         out = self.proj(x + self.reduce(multi_level))  # Eq. (1) X', Eq. (3) Conv1x1(X')
         return out if self.gate is None else self.channel_attention(x) * out  # Eq. (3)
 

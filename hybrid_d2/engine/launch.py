@@ -57,9 +57,13 @@ USER_ERRORS = (
 
 def parse_train_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Detectron2's ``default_argument_parser``; ``--resume`` and ``--eval-only`` are also taken
-    from among the trailing ``KEY VALUE`` overrides, where argparse would leave them."""
+    from among the trailing ``KEY VALUE`` overrides, where argparse would leave them. On one
+    machine, ``--dist-url`` defaults to "auto" (a free local port) instead of Detectron2's port
+    fixed per user, so that two multi-process runs of one user can share a machine."""
     parser = default_argument_parser()
     args = parser.parse_args(argv)
+    if args.num_machines == 1 and args.dist_url == parser.get_default("dist_url"):
+        args.dist_url = "auto"
     opts = []
     for token in args.opts:
         if token in _TRAILING_FLAGS:

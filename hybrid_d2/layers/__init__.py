@@ -3,7 +3,7 @@
 from .backbone import FEATURE_NAMES, PyramidBackbone
 from .dilated_attention import dilated_attention
 from .flops import FLOP_HANDLES, flop_count_analysis
-from .norm import FrozenStatsBatchNorm2d, get_norm, norm_for_device
+from .norm import FrozenStatsBatchNorm2d, get_norm, inference_affine, norm_for_device
 from .window_masks import window_attention_mask
 from .windows import pad_to_multiple, relative_position_index, window_partition, window_reverse
 
@@ -15,6 +15,7 @@ __all__ = [
     "dilated_attention",
     "flop_count_analysis",
     "get_norm",
+    "inference_affine",
     "norm_for_device",
     "pad_to_multiple",
     "relative_position_index",

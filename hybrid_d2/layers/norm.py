@@ -1,11 +1,13 @@
 """Normalisation layers and a ``get_norm`` that extends Detectron2's with them."""
 
-from typing import Callable, Union
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+from detectron2.layers import FrozenBatchNorm2d
 from detectron2.layers import get_norm as d2_get_norm
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 # The string names that detectron2.layers.get_norm understands (detectron2 0.6 / 0.7).
 _D2_NORMS = ("BN", "SyncBN", "FrozenBN", "GN", "LN", "nnSyncBN", "naiveSyncBN", "naiveSyncBN_N")
@@ -32,6 +34,24 @@ class FrozenStatsBatchNorm2d(nn.BatchNorm2d):
 
 
 _NORMS = {"FrozenStatsBN": FrozenStatsBatchNorm2d}
+
+
+def inference_affine(norm: nn.Module) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """The per-channel (scale, shift) a BatchNorm applies when it normalises with its running
+    statistics (eval mode, FrozenBN, FrozenStatsBN), so that a preceding linear map can absorb
+    it; None when it uses batch statistics or is no BatchNorm."""
+    uses_running_stats = isinstance(norm, (FrozenBatchNorm2d, FrozenStatsBatchNorm2d)) or (
+        isinstance(norm, _BatchNorm) and not norm.training and norm.track_running_stats
+    )
+    if not uses_running_stats:
+        return None
+    scale = torch.rsqrt(norm.running_var + norm.eps)
+    if norm.weight is not None:
+        scale = scale * norm.weight
+    shift = -norm.running_mean * scale
+    if norm.bias is not None:
+        shift = shift + norm.bias
+    return scale, shift
 
 
 def norm_for_device(norm: str, device: str) -> str:

@@ -20,7 +20,7 @@ from hybrid_d2.backbones.dmformer import (
     uses_fused_branches,
 )
 from hybrid_d2.config import add_hybrid_config
-from hybrid_d2.layers import flop_count_analysis
+from hybrid_d2.layers import flop_count_analysis, inference_affine
 
 FEATURES = ("res2", "res3", "res4", "res5")
 STRIDES = (4, 8, 16, 32)
@@ -214,6 +214,22 @@ def test_auto_fuses_for_cpu_inference_only():
     with torch.no_grad():
         assert uses_fused_branches("auto", x)
         assert not uses_fused_branches("separate", x)
+
+
+@pytest.mark.parametrize("norm", ["BN", "FrozenBN", "FrozenStatsBN", "BN train"])
+def test_fused_branches_fold_a_running_statistics_batchnorm(norm):
+    """In fused mode the DMA's BN is folded into the kernel when it uses running statistics;
+    a training-mode BN (batch statistics) is applied after the branches."""
+    torch.manual_seed(0)
+    block = DMFormerBlock(16, 4, True, 0.0, norm.split()[0], ratio=4, kernels=(3, 5, 7),
+                          dilations=(1, 2, 3), branches="fused")  # fmt: skip
+    randomize_batchnorms(block)
+    block.train(norm.endswith("train"))
+    dma, x = block.dma, torch.randn(2, 16, 11, 14)
+    expected = F.relu(dma.norm(dma.branches(dma.expand(x))))
+    with torch.no_grad():
+        torch.testing.assert_close(dma.multi_level(x), expected, rtol=1e-5, atol=1e-5)
+    assert (inference_affine(dma.norm) is None) == norm.endswith("train")
 
 
 def test_auto_inference_path_equals_separate_convs():

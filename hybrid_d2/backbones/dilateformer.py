@@ -45,11 +45,14 @@ from torch import nn
 
 from ..layers import (
     FEATURE_NAMES,
+    ClassifierMixin,
+    check_in_chans,
     PyramidBackbone,
     dilated_attention,
     get_norm,
     norm_for_device,
     pad_to_multiple,
+    register_classifiers,
     window_attention_mask,
     window_partition,
     window_reverse,
@@ -60,6 +63,7 @@ __all__ = [
     "VARIANTS",
     "D2DilateFormer",
     "DilateFormer",
+    "DilateFormerClassifier",
     "build_dilateformer_backbone",
     "stage3_pattern",
     "variant_config",
@@ -99,6 +103,7 @@ DILATIONS = (1, 2, 3)  # Fig. 4: "3 x 3 kernel size with dilation rates r = 1, 2
 KERNEL_SIZE = 3
 MSDA_STAGES = 2  # paper §III-C: "the first two stages ... use MSDA"
 LN_EPS = 1e-6  # official code; the paper says "Norm"
+IMAGENET_DROP_PATH = 0.1  # official main.py default and dist_train.sh
 
 
 def variant_config(variant: str) -> dict:
@@ -387,6 +392,43 @@ class DilateFormer(nn.Module):
         return outputs
 
 
+class DilateFormerClassifier(ClassifierMixin, DilateFormer):
+    """The official ImageNet model: the trunk with all-global stage 3, then the classification
+    tail LayerNorm(8C) -> global average pool -> Linear (official ``norm``, ``head``).
+
+    Registered with timm as ``hybrid_dilateformer_{tiny,small,base}``; state-dict keys equal the
+    official checkpoints' (without the token-labeling ``aux_head``).
+    """
+
+    def __init__(
+        self,
+        variant: str,
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = IMAGENET_DROP_PATH,
+        norm: str = "BN",
+        **kwargs,
+    ):
+        check_in_chans(in_chans, "DilateFormer")
+        config = variant_config(variant)
+        super().__init__(
+            config["embed_dim"],
+            config["depths"],
+            config["num_heads"],
+            drop_path_rate=drop_path_rate,
+            norm=norm,
+            **kwargs,
+        )
+        self.norm = nn.LayerNorm(self.channels[-1], eps=LN_EPS)
+        self._init_head(self.channels[-1], num_classes, drop_rate)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> the normalised last stage, (B, 8C, H/32, W/32)."""
+        last = _channels_last(DilateFormer.forward(self, x)[-1])
+        return _channels_first(self.norm(last))
+
+
 class D2DilateFormer(PyramidBackbone):
     """Detectron2 backbone around ``DilateFormer``: named outputs ``res2`` ... ``res5``."""
 
@@ -456,3 +498,8 @@ def build_dilateformer_backbone(cfg, input_shape: ShapeSpec) -> D2DilateFormer:
         freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT,
         use_checkpoint=dil.USE_CHECKPOINT,
     )
+
+
+register_classifiers(
+    __name__, "dilateformer", DilateFormerClassifier, VARIANTS, first_conv="patch_embed.proj.0"
+)

@@ -400,6 +400,8 @@ class DilateFormerClassifier(ClassifierMixin, DilateFormer):
     official checkpoints' (without the token-labeling ``aux_head``).
     """
 
+    TAIL = ("norm", "head")  # the modules the trunk does not have
+
     def __init__(
         self,
         variant: str,

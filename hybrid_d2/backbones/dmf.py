@@ -520,6 +520,9 @@ class DMFClassifier(ClassifierMixin, DynamicMobileFormer):
     official code (ImageNet batches are large).
     """
 
+    # the modules the trunk does not have
+    TAIL = ("end_mobile2former", "end_former", "channel_conv", "bn", "head")
+
     def __init__(
         self,
         variant: str,
@@ -558,6 +561,7 @@ class DMFClassifier(ClassifierMixin, DynamicMobileFormer):
         nn.init.kaiming_uniform_(self.channel_conv.static_weight)  # as DynamicResidualConv2d
         self.hidden = hidden
         self._init_head(width + TOKEN_DIM, num_classes, drop_rate)
+        self.head_hidden_size = hidden
 
     def _new_classifier(self, num_classes: int) -> nn.Module:
         head = nn.Module()

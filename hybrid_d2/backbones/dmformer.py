@@ -397,6 +397,8 @@ class DMFormerClassifier(ClassifierMixin, DMFormer):
     0.08M offset (docs/dmformer.md). Registered with timm as ``hybrid_dmformer_{s,l}``.
     """
 
+    TAIL = ("norm", "head")  # the modules the trunk does not have
+
     def __init__(
         self,
         variant: str,

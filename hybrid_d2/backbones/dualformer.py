@@ -457,6 +457,8 @@ class DualFormerClassifier(ClassifierMixin, DualFormer):
     Registered with timm as ``hybrid_dualformer_{tiny,xsmall,small,base}``.
     """
 
+    TAIL = ("norm", "head")  # the modules the trunk does not have
+
     def __init__(
         self,
         variant: str,

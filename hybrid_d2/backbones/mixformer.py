@@ -365,6 +365,8 @@ class MixFormerClassifier(ClassifierMixin, MixFormer):
     the official code (ImageNet batches are large).
     """
 
+    TAIL = ("norm", "last_proj", "head")  # the modules the trunk does not have
+
     def __init__(
         self,
         variant: str,

@@ -9,7 +9,7 @@ key names) and adds the paper's tail; this module gives them ``forward_head``, `
 
 import sys
 from functools import partial
-from typing import Any, Callable, Dict, Iterable, List, Type
+from typing import Any, Callable, Dict, Iterable, List, Tuple, Type
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -46,10 +46,14 @@ def channel_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 class ClassifierMixin:
     """timm's classifier interface over ``forward_features`` (an NCHW map): global average pool,
-    dropout (timm's ``--drop``), then ``self.head``. Subclasses call :meth:`_init_head`."""
+    dropout (timm's ``--drop``), then ``self.head``. Subclasses call :meth:`_init_head` and name
+    their classification-only modules in ``TAIL``."""
+
+    TAIL: Tuple[str, ...] = ()
 
     def _init_head(self, num_features: int, num_classes: int, drop_rate: float) -> None:
         self.num_features = num_features
+        self.head_hidden_size = num_features  # timm: the width of forward_head(pre_logits=True)
         self.num_classes = num_classes
         self.drop_rate = drop_rate
         self.head_drop = nn.Dropout(drop_rate)

@@ -15,7 +15,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import CheckpointSaver, ModelEmaV3
 
-from conftest import REPO_ROOT, randomize_batchnorms
+from conftest import REPO_ROOT, randomize_batchnorms, run_script
 from official_formats import (
     dilateformer_official_state,
     mixformer_paddle_state,
@@ -251,3 +251,20 @@ def test_timm_checkpoint_of_another_family_or_variant_is_refused(tmp_path):
         convert_timm_checkpoint(checkpoint, "ckpt", "dmf")
     with pytest.raises(KeyError, match="no 'state_dict_ema' entry"):
         convert_timm_checkpoint(checkpoint, "ckpt", "dmf", use_ema=True)
+
+
+def test_timm_scripts_see_the_registered_models(tmp_path):
+    """tools/timm_script.py runs a timm script (here a stand-in for validate.py) as __main__ with
+    its arguments, after registering the classifiers."""
+    script = tmp_path / "validate.py"
+    script.write_text(
+        "import sys, timm\n"
+        "model = timm.create_model(sys.argv[sys.argv.index('--model') + 1], num_classes=3)\n"
+        "print(__name__, type(model).__name__, model.num_classes)\n"
+    )
+    result = run_script("tools/timm_script.py", [script, "--model", "hybrid_dmf_xxs"], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[-3:] == ["__main__", "DMFClassifier", "3"]
+    result = run_script("tools/timm_script.py", ["train.py"], tmp_path)
+    assert result.returncode != 0
+    assert "expected the path of a timm script (e.g. train.py) first, got train.py" in result.stderr

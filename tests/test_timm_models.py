@@ -174,10 +174,14 @@ def test_official_weights_evaluate_in_timm_with_their_head(family, variant, tmp_
     ema = ["--ema"] if family != "mixformer" else []
     argv = ["--family", family, "--variant", variant, "--keep-head", *ema, str(source), str(output)]
     assert convert_cli.main(argv) == 0, capsys.readouterr().err
-    # what timm's validate.py does with --checkpoint
-    model = timm.create_model(name, checkpoint_path=str(output)).eval()
+    # what timm's validate.py does with --checkpoint, and timm's pretrained-file route
+    by_path = timm.create_model(name, checkpoint_path=str(output)).eval()
+    overlay = dict(file=str(output))
+    by_cfg = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay).eval()
     with torch.no_grad():
-        torch.testing.assert_close(model(IMAGE), official(IMAGE), atol=1e-4, rtol=1e-4)
+        expected = official(IMAGE)
+        torch.testing.assert_close(by_path(IMAGE), expected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(by_cfg(IMAGE), expected, atol=1e-4, rtol=1e-4)
 
 
 # --- item 4: timm training -> detection weights -> a shipped config ---------------------------

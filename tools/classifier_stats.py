@@ -10,6 +10,7 @@ included, as the DilateFormer and DMF papers count); "GMACs" leaves norms and po
 (convolutions, linears and attention products only, as the MixFormer, DualFormer and DMFormer
 derivations in the design notes count).
 """
+
 import argparse
 import sys
 from typing import Dict, List, Optional

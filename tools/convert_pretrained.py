@@ -5,7 +5,8 @@ r"""Convert an official or timm-trained checkpoint to a Detectron2 checkpoint fo
         MixFormer_B4_pretrained.pdparams mixformer_b4_d2.pth
     python tools/convert_pretrained.py --family dilateformer --variant small --ema \
         checkpoint.pth dilateformer_s_d2.pth
-    python tools/convert_pretrained.py --family dmf --variant s --ema checkpoint-441.pth dmf_s_d2.pth
+    python tools/convert_pretrained.py --family dmf --variant s --ema \
+        checkpoint-441.pth dmf_s_d2.pth
     python tools/convert_pretrained.py --family dualformer --from timm --ema \
         output/train/<run>/model_best.pth.tar dualformer_s_d2.pth
     python tools/convert_pretrained.py --family mixformer --variant b1 --keep-head \
@@ -82,7 +83,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         help="official weights (default) or a timm train.py checkpoint of our classifier",
     )
     parser.add_argument(
-        "--ema", action="store_true", help="convert the EMA weights ('model_ema' / 'state_dict_ema')"
+        "--ema",
+        action="store_true",
+        help="convert the EMA weights ('model_ema' / 'state_dict_ema')",
     )
     parser.add_argument(
         "--keep-head",

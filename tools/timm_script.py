@@ -11,6 +11,7 @@ The pip package of timm does not ship these scripts, and they take no plugin imp
 imports hybrid_d2 (which registers the models) and runs the script as ``__main__`` with the
 remaining arguments. docs/pretraining.md has the command line of each family.
 """
+
 import os
 import runpy
 import sys

@@ -29,6 +29,9 @@ conditional position embedding (CPE). Departures from the official code, all for
 * Stem and downsampler BatchNorms are built from ``norm``, "FrozenBN" by default (2 images per
   GPU make batch statistics noisy).
 
+``DilateFormerClassifier`` is the official ImageNet model (the trunk plus ``norm`` and ``head``),
+registered with timm as ``hybrid_dilateformer_<variant>`` (docs/pretraining.md).
+
 Internally the blocks keep a channels-last (B, H, W, C) residual stream; MSDA's qkv projection
 writes channels-first maps directly (one GEMM) because its shifted slices are fastest there.
 """
@@ -46,6 +49,7 @@ from torch import nn
 from ..layers import (
     FEATURE_NAMES,
     ClassifierMixin,
+    channel_norm,
     check_in_chans,
     PyramidBackbone,
     dilated_attention,
@@ -427,8 +431,7 @@ class DilateFormerClassifier(ClassifierMixin, DilateFormer):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> the normalised last stage, (B, 8C, H/32, W/32)."""
-        last = _channels_last(DilateFormer.forward(self, x)[-1])
-        return _channels_first(self.norm(last))
+        return channel_norm(self.norm, DilateFormer.forward(self, x)[-1])
 
 
 class D2DilateFormer(PyramidBackbone):

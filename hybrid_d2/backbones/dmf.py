@@ -29,6 +29,9 @@ the classifier (hybrid_d2.checkpoint.dmf). Decisions (docs/dmf.md has the reason
 * GRN: "dmf_code" (default) is the official channels-first port, whose normaliser is ~1;
   "convnextv2" normalises over channels as ConvNeXt-V2. Same parameters either way.
 * Dropout is 0 in detection and omitted; no classifier tail (end_*, channel_conv, bn, head).
+
+``DMFClassifier`` is the ImageNet model (the trunk plus the official tail), registered with timm
+as ``hybrid_dmf_<variant>`` (docs/pretraining.md).
 """
 
 from typing import Any, List, Optional, Sequence, Tuple
@@ -699,5 +702,12 @@ def build_dmf_backbone(cfg, input_shape: ShapeSpec) -> D2DynamicMobileFormer:
     )
 
 
-
-register_classifiers(__name__, "dmf", DMFClassifier, VARIANTS, first_conv="stem.conv", crop_pct=0.9, classifier="head.fc2")
+register_classifiers(
+    __name__,
+    "dmf",
+    DMFClassifier,
+    VARIANTS,
+    first_conv="stem.conv",
+    crop_pct=0.9,  # the official model's default config
+    classifier="head.fc2",
+)

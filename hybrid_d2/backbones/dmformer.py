@@ -25,6 +25,10 @@ Additions for detection:
   for training, on CUDA and under FLOP tracing.
 * Activation checkpointing recomputes a block with its BatchNorms' momentum at 0, so that the
   running statistics are updated once per step, as without checkpointing.
+
+``DMFormerClassifier`` is the ImageNet model (the trunk plus LayerNorm, average pool and Linear:
+the paper describes no head; VAN's gives its parameter counts), registered with timm as
+``hybrid_dmformer_<variant>`` (docs/pretraining.md).
 """
 
 import contextlib
@@ -81,7 +85,8 @@ def uses_fused_branches(mode: str, x: torch.Tensor) -> bool:
         return x.device.type == "cpu" and not torch.is_grad_enabled() and not torch.jit.is_tracing()
     return mode == "fused"
 
-IMAGENET_DROP_PATH = {"s": 0.1, "l": 0.2}  # ours, VAN-B1 / B2 (the paper gives none)
+# ImageNet stochastic depth: ours, as VAN-B1 / B2 (the paper gives none)
+IMAGENET_DROP_PATH = {"s": 0.1, "l": 0.2}
 
 
 def variant_config(variant: str) -> dict:

@@ -50,6 +50,10 @@ Architecture (paper §3, Fig. 3):
 * Outputs res2..res5 are the stage outputs before each downsampler, each through a fresh
   LayerNorm (as Swin / PVT detection backbones).
 
+``DualFormerClassifier`` is the ImageNet model (the trunk plus a final LayerNorm, average pool and
+Linear; the norm is ours), registered with timm as ``hybrid_dualformer_<variant>``
+(docs/pretraining.md).
+
 Internally the residual stream is channels-last (B, H, W, C); convolutions see channels-last
 NCHW views.
 """
@@ -555,4 +559,6 @@ def build_dualformer_backbone(cfg, input_shape: ShapeSpec) -> D2DualFormer:
     )
 
 
-register_classifiers(__name__, "dualformer", DualFormerClassifier, VARIANTS, first_conv="stem.proj.0")
+register_classifiers(
+    __name__, "dualformer", DualFormerClassifier, VARIANTS, first_conv="stem.proj.0"
+)

@@ -20,6 +20,9 @@ Departures from the official code, all for detection:
 * ConvMerging zero-pads odd maps on the bottom/right before its 2x2 stride-2 conv (Swin-style), so
   any input size works; the official code asserts even sizes.
 
+``MixFormerClassifier`` is the official ImageNet model (the trunk plus ``norm``, ``last_proj`` and
+``head``), registered with timm as ``hybrid_mixformer_<variant>`` (docs/pretraining.md).
+
 Kept from the official code: the stem is the code's (three 3x3 convs, then a 2x2 stride-2 projection
 and a LayerNorm; the paper mentions only the convs), and windows are zero-padded after ``norm1``
 with padded tokens left unmasked in attention and included in the channel interaction's average
@@ -70,7 +73,8 @@ VARIANTS = {
     "b5": dict(embed_dim=96, depths=(1, 2, 8, 6), num_heads=(6, 12, 24, 48), drop_path_rate=0.3),
     "b6": dict(embed_dim=96, depths=(2, 4, 16, 12), num_heads=(6, 12, 24, 48), drop_path_rate=0.5),
 }
-PROJECTION_DIM = 1280  # paper §3.2: the projection layer "increases the feature's channels to 1280"
+# paper §3.2: the projection layer "increases the feature's channels to 1280"
+PROJECTION_DIM = 1280
 
 
 def variant_config(variant: str) -> dict:
@@ -467,4 +471,6 @@ def build_mixformer_backbone(cfg, input_shape: ShapeSpec) -> D2MixFormer:
     )
 
 
-register_classifiers(__name__, "mixformer", MixFormerClassifier, VARIANTS, first_conv="patch_embed.stem.0")
+register_classifiers(
+    __name__, "mixformer", MixFormerClassifier, VARIANTS, first_conv="patch_embed.stem.0"
+)

@@ -98,11 +98,15 @@ def convert_timm_checkpoint(
         raise ValueError(f"unknown family {family!r}; expected one of {sorted(CLASSIFIERS)}")
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         got = sorted(checkpoint)[:20] if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        raise ValueError(f"{path}: not a timm training checkpoint: expected 'state_dict', got {got}")
+        raise ValueError(
+            f"{path}: not a timm training checkpoint: expected 'state_dict', got {got}"
+        )
     variant = _variant_of(checkpoint.get("arch"), family, variant, path)
     key = "state_dict_ema" if use_ema else "state_dict"
     if not isinstance(checkpoint.get(key), dict):
-        raise KeyError(f"{path}: no {key!r} entry (trained without --model-ema?); has {sorted(checkpoint)}")
+        raise KeyError(
+            f"{path}: no {key!r} entry (trained without --model-ema?); has {sorted(checkpoint)}"
+        )
     trunk, dropped = trunk_state_dict(
         checkpoint[key], family, variant, f"{path} ({model_name(family, variant)})"
     )

@@ -13,17 +13,17 @@ from typing import Any, Dict, List, Optional, Tuple, Type
 import torch
 from torch import nn
 
-from ..backbones.dilateformer import DilateFormerClassifier
-from ..backbones.dmf import DMFClassifier
-from ..backbones.dmformer import DMFormerClassifier
-from ..backbones.dualformer import DualFormerClassifier
-from ..backbones.mixformer import MixFormerClassifier
 from ..backbones import (
     DILATEFORMER_VARIANTS,
     DMF_VARIANTS,
     DMFORMER_VARIANTS,
     DUALFORMER_VARIANTS,
     MIXFORMER_VARIANTS,
+    DilateFormerClassifier,
+    DMFClassifier,
+    DMFormerClassifier,
+    DualFormerClassifier,
+    MixFormerClassifier,
 )
 from ..layers import model_name
 from .validation import check_state_dict

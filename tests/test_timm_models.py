@@ -188,24 +188,25 @@ def test_official_weights_evaluate_in_timm_with_their_head(family, variant, tmp_
 
 
 def _train_with_timm(name: str, folder: Path) -> torch.nn.Module:
-    """Three steps of timm's own optimizer, scheduler, EMA and checkpoint saver, as train.py
-    runs them; returns the EMA model whose weights the checkpoint's 'state_dict_ema' holds."""
+    """Two steps of timm's own optimizer, scheduler and EMA, then timm's checkpoint saver, as
+    train.py runs them; returns the EMA model whose weights the checkpoint's 'state_dict_ema'
+    holds."""
     torch.manual_seed(0)
     model = timm.create_model(name, num_classes=4, drop_path_rate=0.1)
     optimizer = create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05)
-    scheduler, _ = create_scheduler_v2(optimizer, "cosine", num_epochs=3, warmup_epochs=1)
+    scheduler, _ = create_scheduler_v2(optimizer, "cosine", num_epochs=2, warmup_epochs=1)
     ema = ModelEmaV3(model, decay=0.5)
-    args = argparse.Namespace(model=name, opt="adamw", lr=1e-3, epochs=3, drop_path=0.1)
-    saver = CheckpointSaver(model, optimizer, args=args, model_ema=ema, checkpoint_dir=str(folder))
-    for epoch in range(3):
-        model.train()
+    model.train()
+    for epoch in range(2):
         loss = model(torch.randn(2, 3, 64, 64)).logsumexp(1).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         ema.update(model, step=epoch)
         scheduler.step(epoch + 1)
-        saver.save_checkpoint(epoch, metric=float(-loss))
+    args = argparse.Namespace(model=name, opt="adamw", lr=1e-3, epochs=2, drop_path=0.1)
+    saver = CheckpointSaver(model, optimizer, args=args, model_ema=ema, checkpoint_dir=str(folder))
+    saver.save_checkpoint(epoch, metric=-loss.item())
     return ema.module.eval()
 
 

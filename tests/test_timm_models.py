@@ -273,3 +273,14 @@ def test_timm_scripts_see_the_registered_models(tmp_path):
     result = run_script("tools/timm_script.py", ["train.py"], tmp_path)
     assert result.returncode != 0
     assert "expected the path of a timm script (e.g. train.py) first, got train.py" in result.stderr
+
+
+def test_cli_refuses_what_it_cannot_convert(tmp_path, capsys):
+    output = tmp_path / "out.pth"
+    argv = ["--family", "dualformer", "--variant", "small", str(tmp_path / "in.pth"), str(output)]
+    assert convert_cli.main(argv) == 1
+    assert "--family dualformer: no official weights exist" in capsys.readouterr().err
+    argv = ["--family", "dmf", "--from", "timm", "--keep-head", str(tmp_path), str(output)]
+    assert convert_cli.main(argv) == 1
+    assert "a timm checkpoint loads into timm as it is" in capsys.readouterr().err
+    assert not output.exists()

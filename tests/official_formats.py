@@ -21,7 +21,8 @@ PADDLE_NAME_TABLE = "StructuredToParameterName@@"
 def mixformer_paddle_state(network: nn.Module, variant: str) -> Dict[str, np.ndarray]:
     """A MixFormer network's weights under the official Paddle names and layouts: Linear weights
     [in, out], BatchNorm statistics ``_mean``/``_variance``, the relative position index buffers,
-    and the classification tail (norm, last_proj, head)."""
+    and the classification tail (norm, last_proj, head): the network's own if it is a
+    ``MixFormerClassifier``, else random."""
     linears = {f"{n}.weight" for n, m in network.named_modules() if isinstance(m, nn.Linear)}
     official = {}
     for name, tensor in network.state_dict().items():
@@ -37,17 +38,15 @@ def mixformer_paddle_state(network: nn.Module, variant: str) -> Dict[str, np.nda
             official[f"{name}.relative_position_index"] = relative_position_index(7).numpy()
     c = 8 * MIXFORMER_VARIANTS[variant]["embed_dim"]
     rng = np.random.default_rng(0)
-    official.update(
-        {
-            "norm.weight": np.ones(c, np.float32),
-            "norm.bias": np.zeros(c, np.float32),
-            "last_proj.weight": rng.standard_normal((c, 1280), np.float32),
-            "last_proj.bias": np.zeros(1280, np.float32),
-            "head.weight": rng.standard_normal((1280, 1000), np.float32),
-            "head.bias": np.zeros(1000, np.float32),
-        }
-    )
-    return official
+    tail = {
+        "norm.weight": np.ones(c, np.float32),
+        "norm.bias": np.zeros(c, np.float32),
+        "last_proj.weight": rng.standard_normal((c, 1280), np.float32),
+        "last_proj.bias": np.zeros(1280, np.float32),
+        "head.weight": rng.standard_normal((1280, 1000), np.float32),
+        "head.bias": np.zeros(1000, np.float32),
+    }
+    return {**tail, **official}  # a classifier network's own tail wins
 
 
 def write_pdparams(path: Path, state: Dict[str, np.ndarray], numpy2: bool = False) -> None:
@@ -63,22 +62,21 @@ def write_pdparams(path: Path, state: Dict[str, np.ndarray], numpy2: bool = Fals
 
 def dilateformer_official_state(network: nn.Module, seed: int = 0) -> Dict[str, torch.Tensor]:
     """A DilateFormer network (built with norm="BN") as the official model's state dict: the same
-    names, trained BatchNorm counters, and the classifier (norm, head)."""
+    names, trained BatchNorm counters, and the classifier (norm, head): the network's own if it
+    is a ``DilateFormerClassifier``, else random."""
     state = {k: v.clone() for k, v in network.state_dict().items()}
     for name in state:
         if name.endswith("num_batches_tracked"):  # 300 epochs of 1251 steps
             state[name] = torch.tensor(1251 * 300)
     channels = network.channels[-1]
     generator = torch.Generator().manual_seed(seed)
-    state.update(
-        {
-            "norm.weight": torch.ones(channels),
-            "norm.bias": torch.zeros(channels),
-            "head.weight": torch.randn(1000, channels, generator=generator),
-            "head.bias": torch.zeros(1000),
-        }
-    )
-    return state
+    tail = {
+        "norm.weight": torch.ones(channels),
+        "norm.bias": torch.zeros(channels),
+        "head.weight": torch.randn(1000, channels, generator=generator),
+        "head.bias": torch.zeros(1000),
+    }
+    return {**tail, **state}  # a classifier network's own tail wins
 
 
 def write_deit_checkpoint(

@@ -29,6 +29,9 @@ conditional position embedding (CPE). Departures from the official code, all for
 * Stem and downsampler BatchNorms are built from ``norm``, "FrozenBN" by default (2 images per
   GPU make batch statistics noisy).
 
+``DilateFormerClassifier`` is the official ImageNet model (the trunk plus ``norm`` and ``head``),
+registered with timm as ``hybrid_dilateformer_<variant>`` (docs/pretraining.md).
+
 Internally the blocks keep a channels-last (B, H, W, C) residual stream; MSDA's qkv projection
 writes channels-first maps directly (one GEMM) because its shifted slices are fastest there.
 """
@@ -45,11 +48,15 @@ from torch import nn
 
 from ..layers import (
     FEATURE_NAMES,
+    ClassifierMixin,
+    channel_norm,
+    check_in_chans,
     PyramidBackbone,
     dilated_attention,
     get_norm,
     norm_for_device,
     pad_to_multiple,
+    register_classifiers,
     window_attention_mask,
     window_partition,
     window_reverse,
@@ -60,6 +67,7 @@ __all__ = [
     "VARIANTS",
     "D2DilateFormer",
     "DilateFormer",
+    "DilateFormerClassifier",
     "build_dilateformer_backbone",
     "stage3_pattern",
     "variant_config",
@@ -99,6 +107,7 @@ DILATIONS = (1, 2, 3)  # Fig. 4: "3 x 3 kernel size with dilation rates r = 1, 2
 KERNEL_SIZE = 3
 MSDA_STAGES = 2  # paper §III-C: "the first two stages ... use MSDA"
 LN_EPS = 1e-6  # official code; the paper says "Norm"
+IMAGENET_DROP_PATH = 0.1  # official main.py default and dist_train.sh
 
 
 def variant_config(variant: str) -> dict:
@@ -387,6 +396,44 @@ class DilateFormer(nn.Module):
         return outputs
 
 
+class DilateFormerClassifier(ClassifierMixin, DilateFormer):
+    """The official ImageNet model: the trunk with all-global stage 3, then the classification
+    tail LayerNorm(8C) -> global average pool -> Linear (official ``norm``, ``head``).
+
+    Registered with timm as ``hybrid_dilateformer_{tiny,small,base}``; state-dict keys equal the
+    official checkpoints' (without the token-labeling ``aux_head``).
+    """
+
+    TAIL = ("norm", "head")  # the modules the trunk does not have
+
+    def __init__(
+        self,
+        variant: str,
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = IMAGENET_DROP_PATH,
+        norm: str = "BN",
+        **kwargs,
+    ):
+        check_in_chans(in_chans, "DilateFormer")
+        config = variant_config(variant)
+        super().__init__(
+            config["embed_dim"],
+            config["depths"],
+            config["num_heads"],
+            drop_path_rate=drop_path_rate,
+            norm=norm,
+            **kwargs,
+        )
+        self.norm = nn.LayerNorm(self.channels[-1], eps=LN_EPS)
+        self._init_head(self.channels[-1], num_classes, drop_rate)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> the normalised last stage, (B, 8C, H/32, W/32)."""
+        return channel_norm(self.norm, DilateFormer.forward(self, x)[-1])
+
+
 class D2DilateFormer(PyramidBackbone):
     """Detectron2 backbone around ``DilateFormer``: named outputs ``res2`` ... ``res5``."""
 
@@ -456,3 +503,8 @@ def build_dilateformer_backbone(cfg, input_shape: ShapeSpec) -> D2DilateFormer:
         freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT,
         use_checkpoint=dil.USE_CHECKPOINT,
     )
+
+
+register_classifiers(
+    __name__, "dilateformer", DilateFormerClassifier, VARIANTS, first_conv="patch_embed.proj.0"
+)

@@ -29,9 +29,12 @@ the classifier (hybrid_d2.checkpoint.dmf). Decisions (docs/dmf.md has the reason
 * GRN: "dmf_code" (default) is the official channels-first port, whose normaliser is ~1;
   "convnextv2" normalises over channels as ConvNeXt-V2. Same parameters either way.
 * Dropout is 0 in detection and omitted; no classifier tail (end_*, channel_conv, bn, head).
+
+``DMFClassifier`` is the ImageNet model (the trunk plus the official tail), registered with timm
+as ``hybrid_dmf_<variant>`` (docs/pretraining.md).
 """
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -45,16 +48,21 @@ from torch import nn
 
 from ..layers import (
     FEATURE_NAMES,
+    ClassifierMixin,
     FrozenStatsBatchNorm2d,
     PyramidBackbone,
+    check_in_chans,
     get_norm,
     norm_for_device,
+    register_classifiers,
 )
 
 __all__ = [
     "GRN_MODES",
     "VARIANTS",
+    "CLASSIFIER_WIDTHS",
     "D2DynamicMobileFormer",
+    "DMFClassifier",
     "DynamicMobileFormer",
     "DynamicResidualConv2d",
     "build_dmf_backbone",
@@ -104,6 +112,8 @@ DYNAMIC_SCALE = 0.1  # official code: W = W_agnostic + 0.1 * sum_k pi_k W_k (not
 # end_mobile2former and end_former); block i uses slot i.
 DROP_PATH_SLOTS = 13
 GRN_MODES = ("dmf_code", "convnextv2")
+# Classifier tail (official dmf_final.py): channel_conv width and head.fc1 width per variant.
+CLASSIFIER_WIDTHS = {"s": (1440, 1920), "xs": (1152, 1920), "xxs": (960, 1600)}
 
 
 def variant_config(variant: str) -> dict:
@@ -482,6 +492,10 @@ class DynamicMobileFormer(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        return self.forward_with_tokens(x)[0]
+
+    def forward_with_tokens(self, x: torch.Tensor) -> Tuple[List[torch.Tensor], torch.Tensor]:
+        """The four outputs and the (B, 6, 192) tokens after the last block."""
         x = self.lite_bottleneck(self.stem(x))
         tokens = self.tokens.expand(x.shape[0], -1, -1)
         outputs = []
@@ -492,7 +506,95 @@ class DynamicMobileFormer(nn.Module):
                 x, tokens = block(x, tokens)
             if i in OUTPUT_BLOCKS:
                 outputs.append(x)
-        return outputs
+        return outputs, tokens
+
+
+class DMFClassifier(ClassifierMixin, DynamicMobileFormer):
+    """The official ImageNet model (paper §3.6; official ``dmf_final.py``): the trunk, then on the
+    tokens a last Mobile2Former and Former (``end_mobile2former``, ``end_former``), a dynamic
+    residual 1x1 conv to ``CLASSIFIER_WIDTHS[0]`` channels (``channel_conv``) with BatchNorm
+    (``bn``) and GELU, and ``head``: concat(GAP(map), token 0) -> fc1 -> Hardswish -> dropout ->
+    fc2. Registered with timm as ``hybrid_dmf_{xxs,xs,s}``.
+
+    ``forward_features`` returns the map with token 0 broadcast over it as extra channels, so the
+    shared average pool gives concat(GAP(map), token 0) exactly. ``drop_rate`` is the head's
+    dropout (the official code also drops inside the trunk; ours has no dropout there). Every
+    BatchNorm, the kernel attentions' included, uses batch statistics in training, as the
+    official code (ImageNet batches are large).
+    """
+
+    # the modules the trunk does not have
+    TAIL = ("end_mobile2former", "end_former", "channel_conv", "bn", "head")
+
+    def __init__(
+        self,
+        variant: str,
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.1,
+        norm: str = "BN",
+        pooled_norm: str = "BN",
+        temperature: float = 1.0,
+        **kwargs,
+    ):
+        check_in_chans(in_chans, "DMF")
+        config = variant_config(variant)
+        super().__init__(
+            **config,
+            drop_path_rate=drop_path_rate,
+            norm=norm,
+            pooled_norm=pooled_norm,
+            temperature=temperature,
+            **kwargs,
+        )
+        width, hidden = CLASSIFIER_WIDTHS[variant]
+        channels = config["channels"][-1]
+        # drop path slots 11 and 12 (module docstring, DROP_PATH_SLOTS)
+        end_rates = torch.linspace(0, drop_path_rate, DROP_PATH_SLOTS, device="cpu")[-2:].tolist()
+        self.end_mobile2former = Mobile2Former(channels, config["heads"][-1], end_rates[0])
+        self.end_former = Former(end_rates[1])
+        self.channel_conv = DynamicResidualConv2d(
+            channels, width, 1, 1, pooled_norm, temperature=temperature
+        )
+        self.bn = get_norm(norm, width)
+        tail = (self.end_mobile2former, self.end_former, self.channel_conv, self.bn)
+        for module in tail:
+            module.apply(self._init_weights)
+        nn.init.kaiming_uniform_(self.channel_conv.static_weight)  # as DynamicResidualConv2d
+        self.hidden = hidden
+        self._init_head(width + TOKEN_DIM, num_classes, drop_rate)
+        self.head_hidden_size = hidden
+
+    def _new_classifier(self, num_classes: int) -> nn.Module:
+        head = nn.Module()
+        head.fc1 = nn.Linear(self.num_features, self.hidden)
+        head.fc2 = nn.Linear(self.hidden, num_classes) if num_classes > 0 else nn.Identity()
+        head.apply(self._init_weights)
+        return head
+
+    def reset_classifier(self, num_classes: int, global_pool: Any = None) -> None:
+        """A fresh ``head.fc2`` for ``num_classes`` (0: the fc1 features); fc1 is kept."""
+        self.num_classes = num_classes
+        fc2 = nn.Linear(self.hidden, num_classes) if num_classes > 0 else nn.Identity()
+        self.head.fc2 = fc2.apply(self._init_weights)
+
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc2
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, width + 192, H/32, W/32): the channel_conv map and token 0."""
+        outputs, tokens = self.forward_with_tokens(x)
+        x = outputs[-1]
+        tokens = self.end_former(self.end_mobile2former(x, tokens))
+        x = F.gelu(self.bn(self.channel_conv(x, tokens[:, 0])))
+        token = tokens[:, 0, :, None, None].to(x.dtype).expand(-1, -1, *x.shape[-2:])
+        return torch.cat([x, token], dim=1)  # §3.6: pooled local features, then token 0
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        # §3.6: "two fully-connected layers with hard-swish in between"
+        x = self.head_drop(F.hardswish(self.head.fc1(self.pool(x))))
+        return x if pre_logits else self.head.fc2(x)
 
 
 class D2DynamicMobileFormer(PyramidBackbone):
@@ -598,3 +700,14 @@ def build_dmf_backbone(cfg, input_shape: ShapeSpec) -> D2DynamicMobileFormer:
         frozen_blocks=dmf.FROZEN_BLOCKS,
         use_checkpoint=dmf.USE_CHECKPOINT,
     )
+
+
+register_classifiers(
+    __name__,
+    "dmf",
+    DMFClassifier,
+    VARIANTS,
+    first_conv="stem.conv",
+    crop_pct=0.9,  # the official model's default config
+    classifier="head.fc2",
+)

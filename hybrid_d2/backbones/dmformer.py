@@ -25,6 +25,10 @@ Additions for detection:
   for training, on CUDA and under FLOP tracing.
 * Activation checkpointing recomputes a block with its BatchNorms' momentum at 0, so that the
   running statistics are updated once per step, as without checkpointing.
+
+``DMFormerClassifier`` is the ImageNet model (the trunk plus LayerNorm, average pool and Linear:
+the paper describes no head; VAN's gives its parameter counts), registered with timm as
+``hybrid_dmformer_<variant>`` (docs/pretraining.md).
 """
 
 import contextlib
@@ -39,13 +43,24 @@ from timm.layers import DropPath, trunc_normal_
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..layers import FEATURE_NAMES, PyramidBackbone, get_norm, inference_affine, norm_for_device
+from ..layers import (
+    FEATURE_NAMES,
+    ClassifierMixin,
+    PyramidBackbone,
+    channel_norm,
+    check_in_chans,
+    get_norm,
+    inference_affine,
+    norm_for_device,
+    register_classifiers,
+)
 
 __all__ = [
     "BRANCH_MODES",
     "VARIANTS",
     "D2DMFormer",
     "DMFormer",
+    "DMFormerClassifier",
     "build_dmformer_backbone",
     "variant_config",
 ]
@@ -70,6 +85,9 @@ def uses_fused_branches(mode: str, x: torch.Tensor) -> bool:
     if mode == "auto":
         return x.device.type == "cpu" and not torch.is_grad_enabled() and not torch.jit.is_tracing()
     return mode == "fused"
+
+# ImageNet stochastic depth: ours, as VAN-B1 / B2 (the paper gives none)
+IMAGENET_DROP_PATH = {"s": 0.1, "l": 0.2}
 
 
 def variant_config(variant: str) -> dict:
@@ -397,6 +415,39 @@ class DMFormer(nn.Module):
         return outputs
 
 
+class DMFormerClassifier(ClassifierMixin, DMFormer):
+    """ImageNet classifier: the trunk, then LayerNorm(512) -> global average pool -> Linear.
+
+    The paper does not describe its head; this one (VAN's) gives its parameter counts up to a
+    0.08M offset (docs/dmformer.md). Registered with timm as ``hybrid_dmformer_{s,l}``.
+    """
+
+    TAIL = ("norm", "head")  # the modules the trunk does not have
+
+    def __init__(
+        self,
+        variant: str,
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        drop_rate: float = 0.0,
+        drop_path_rate: Optional[float] = None,
+        norm: str = "BN",
+        **kwargs,
+    ):
+        check_in_chans(in_chans, "DMFormer")
+        config = variant_config(variant)
+        config.pop("drop_path_rate")  # the detection default
+        if drop_path_rate is None:
+            drop_path_rate = IMAGENET_DROP_PATH[variant]
+        super().__init__(**config, drop_path_rate=drop_path_rate, norm=norm, **kwargs)
+        self.norm = nn.LayerNorm(self.channels[-1], eps=1e-6)
+        self._init_head(self.channels[-1], num_classes, drop_rate)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> the normalised last stage, (B, C4, H/32, W/32)."""
+        return channel_norm(self.norm, DMFormer.forward(self, x)[-1])
+
+
 class D2DMFormer(PyramidBackbone):
     """Detectron2 backbone around ``DMFormer``: named outputs ``res2`` ... ``res5``."""
 
@@ -457,3 +508,6 @@ def build_dmformer_backbone(cfg, input_shape: ShapeSpec) -> D2DMFormer:
         freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT,
         use_checkpoint=dm.USE_CHECKPOINT,
     )
+
+
+register_classifiers(__name__, "dmformer", DMFormerClassifier, VARIANTS, first_conv="stem.conv1")

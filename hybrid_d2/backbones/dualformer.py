@@ -50,6 +50,10 @@ Architecture (paper §3, Fig. 3):
 * Outputs res2..res5 are the stage outputs before each downsampler, each through a fresh
   LayerNorm (as Swin / PVT detection backbones).
 
+``DualFormerClassifier`` is the ImageNet model (the trunk plus a final LayerNorm, average pool and
+Linear; the norm is ours), registered with timm as ``hybrid_dualformer_<variant>``
+(docs/pretraining.md).
+
 Internally the residual stream is channels-last (B, H, W, C); convolutions see channels-last
 NCHW views.
 """
@@ -64,13 +68,23 @@ from detectron2.modeling import BACKBONE_REGISTRY
 from timm.layers import DropPath, trunc_normal_
 from torch import nn
 
-from ..layers import FEATURE_NAMES, PyramidBackbone, get_norm, norm_for_device
+from ..layers import (
+    FEATURE_NAMES,
+    ClassifierMixin,
+    PyramidBackbone,
+    channel_norm,
+    check_in_chans,
+    get_norm,
+    norm_for_device,
+    register_classifiers,
+)
 
 __all__ = [
     "INTRA_MODES",
     "VARIANTS",
     "D2DualFormer",
     "DualFormer",
+    "DualFormerClassifier",
     "MultiHeadPartitionAttention",
     "build_dualformer_backbone",
     "hash_codes",
@@ -101,6 +115,9 @@ HASH_BITS = 2  # K = 2^b partitions per head (Eq. 5)
 MBCONV_EXPANSION = 4
 INTRA_MODES = ("pool", "token")
 _EPS = 1e-6
+
+# ImageNet stochastic depth, ours (docs/dualformer.md)
+IMAGENET_DROP_PATH = {"tiny": 0.0, "xsmall": 0.1, "small": 0.1, "base": 0.3}
 
 
 def variant_config(variant: str) -> dict:
@@ -436,6 +453,40 @@ class DualFormer(nn.Module):
         return outputs
 
 
+class DualFormerClassifier(ClassifierMixin, DualFormer):
+    """ImageNet classifier: the trunk, then LayerNorm(C4) -> global average pool -> Linear.
+
+    The paper gives "global average pooling of the last stage -> head"; the final LayerNorm is
+    ours (the residual stream is pre-norm, as Swin / PVT, which normalise it before pooling).
+    Registered with timm as ``hybrid_dualformer_{tiny,xsmall,small,base}``.
+    """
+
+    TAIL = ("norm", "head")  # the modules the trunk does not have
+
+    def __init__(
+        self,
+        variant: str,
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        drop_rate: float = 0.0,
+        drop_path_rate: Optional[float] = None,
+        norm: str = "BN",
+        **kwargs,
+    ):
+        check_in_chans(in_chans, "DualFormer")
+        config = variant_config(variant)
+        config.pop("drop_path_rate")  # the detection default
+        if drop_path_rate is None:
+            drop_path_rate = IMAGENET_DROP_PATH[variant]
+        super().__init__(**config, drop_path_rate=drop_path_rate, norm=norm, **kwargs)
+        self.norm = nn.LayerNorm(self.channels[-1])
+        self._init_head(self.channels[-1], num_classes, drop_rate)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> the normalised last stage, (B, C4, H/32, W/32)."""
+        return channel_norm(self.norm, DualFormer.forward(self, x)[-1])
+
+
 class D2DualFormer(PyramidBackbone):
     """Detectron2 backbone around ``DualFormer``: named outputs ``res2`` ... ``res5``."""
 
@@ -506,3 +557,8 @@ def build_dualformer_backbone(cfg, input_shape: ShapeSpec) -> D2DualFormer:
         downsample_rates=dual.DOWNSAMPLE_RATES,
         use_checkpoint=dual.USE_CHECKPOINT,
     )
+
+
+register_classifiers(
+    __name__, "dualformer", DualFormerClassifier, VARIANTS, first_conv="stem.proj.0"
+)

@@ -20,13 +20,16 @@ Departures from the official code, all for detection:
 * ConvMerging zero-pads odd maps on the bottom/right before its 2x2 stride-2 conv (Swin-style), so
   any input size works; the official code asserts even sizes.
 
+``MixFormerClassifier`` is the official ImageNet model (the trunk plus ``norm``, ``last_proj`` and
+``head``), registered with timm as ``hybrid_mixformer_<variant>`` (docs/pretraining.md).
+
 Kept from the official code: the stem is the code's (three 3x3 convs, then a 2x2 stride-2 projection
 and a LayerNorm; the paper mentions only the convs), and windows are zero-padded after ``norm1``
 with padded tokens left unmasked in attention and included in the channel interaction's average
 pool (docs/mixformer.md, "Decisions").
 """
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -38,16 +41,26 @@ from torch import nn
 
 from ..layers import (
     FEATURE_NAMES,
+    ClassifierMixin,
+    check_in_chans,
     PyramidBackbone,
     get_norm,
     norm_for_device,
     pad_to_multiple,
+    register_classifiers,
     relative_position_index,
     window_partition,
     window_reverse,
 )
 
-__all__ = ["VARIANTS", "D2MixFormer", "MixFormer", "build_mixformer_backbone", "variant_config"]
+__all__ = [
+    "VARIANTS",
+    "D2MixFormer",
+    "MixFormer",
+    "MixFormerClassifier",
+    "build_mixformer_backbone",
+    "variant_config",
+]
 
 # Paper Table 2 (B1-B4) and the official code (B0, B5, B6); drop_path_rate is the official
 # ImageNet value, used as the detection default (docs/mixformer.md, "Variants").
@@ -60,6 +73,9 @@ VARIANTS = {
     "b5": dict(embed_dim=96, depths=(1, 2, 8, 6), num_heads=(6, 12, 24, 48), drop_path_rate=0.3),
     "b6": dict(embed_dim=96, depths=(2, 4, 16, 12), num_heads=(6, 12, 24, 48), drop_path_rate=0.5),
 }
+# paper §3.2: the projection layer "increases the feature's channels to 1280"
+PROJECTION_DIM = 1280
+
 
 def variant_config(variant: str) -> dict:
     """The architecture arguments of a MixFormer variant ("b0" ... "b6")."""
@@ -344,6 +360,52 @@ class MixFormer(nn.Module):
         return outputs
 
 
+class MixFormerClassifier(ClassifierMixin, MixFormer):
+    """The official ImageNet model (paper Fig. 3): the trunk, then LayerNorm(8C) -> Linear(8C ->
+    1280) -> GELU (projection layer) -> global average pool -> Linear (official ``norm``,
+    ``last_proj``, ``head``). Registered with timm as ``hybrid_mixformer_b0`` ... ``b6``.
+
+    Every BatchNorm, the channel interaction's included, uses batch statistics in training, as
+    the official code (ImageNet batches are large).
+    """
+
+    TAIL = ("norm", "last_proj", "head")  # the modules the trunk does not have
+
+    def __init__(
+        self,
+        variant: str,
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        drop_rate: float = 0.0,
+        drop_path_rate: Optional[float] = None,
+        norm: str = "BN",
+        pooled_norm: str = "BN",
+        **kwargs,
+    ):
+        check_in_chans(in_chans, "MixFormer")
+        config = variant_config(variant)
+        imagenet_drop_path = config.pop("drop_path_rate")
+        if drop_path_rate is None:
+            drop_path_rate = imagenet_drop_path
+        super().__init__(
+            **config, drop_path_rate=drop_path_rate, norm=norm, pooled_norm=pooled_norm, **kwargs
+        )
+        self.norm = nn.LayerNorm(self.channels[-1])
+        self.last_proj = nn.Linear(self.channels[-1], PROJECTION_DIM)
+        self.norm.apply(self._init_weights)
+        self.last_proj.apply(self._init_weights)
+        self._init_head(PROJECTION_DIM, num_classes, drop_rate)
+
+    def no_weight_decay(self) -> Set[str]:
+        """Parameter names timm's optimizer factory keeps out of weight decay (official recipe)."""
+        return {n for n, _ in self.named_parameters() if n.endswith("relative_position_bias_table")}
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> the projected last stage, (B, 1280, H/32, W/32)."""
+        last = _to_channels_last(MixFormer.forward(self, x)[-1])
+        return _to_channels_first(F.gelu(self.last_proj(self.norm(last))))
+
+
 class D2MixFormer(PyramidBackbone):
     """Detectron2 backbone around ``MixFormer``: named outputs ``res2`` ... ``res5``."""
 
@@ -407,3 +469,8 @@ def build_mixformer_backbone(cfg, input_shape: ShapeSpec) -> D2MixFormer:
         freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT,
         use_checkpoint=mix.USE_CHECKPOINT,
     )
+
+
+register_classifiers(
+    __name__, "mixformer", MixFormerClassifier, VARIANTS, first_conv="patch_embed.stem.0"
+)

@@ -4,11 +4,13 @@ checkpoints and exact resuming."""
 from .checkpointer import CheckpointMismatchError, SafeCheckpointer
 from .dilateformer import convert_dilateformer
 from .dmf import convert_dmf
-from .loading import CheckpointLoadError, load_checkpoint_file
+from .loading import CheckpointLoadError, load_checkpoint_file, read_torch_checkpoint
 from .mixformer import convert_mixformer
+from .timm_classifier import CLASSIFIERS, convert_timm_checkpoint
 from .resume import RunningStateGatherer, StepSeeder, restore_running_states, seed_step
 
-# family name -> converter(official_state_dict, variant) -> (state_dict, dropped_keys)
+# family name -> converter(official_state_dict, variant, keep_head=False)
+#   -> (state_dict, dropped_keys)
 CONVERTERS = {
     "dilateformer": convert_dilateformer,
     "dmf": convert_dmf,
@@ -16,6 +18,7 @@ CONVERTERS = {
 }
 
 __all__ = [
+    "CLASSIFIERS",
     "CONVERTERS",
     "CheckpointLoadError",
     "CheckpointMismatchError",
@@ -26,6 +29,8 @@ __all__ = [
     "convert_dilateformer",
     "convert_dmf",
     "convert_mixformer",
+    "convert_timm_checkpoint",
     "load_checkpoint_file",
+    "read_torch_checkpoint",
     "seed_step",
 ]

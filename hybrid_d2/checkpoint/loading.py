@@ -119,6 +119,14 @@ def _pick_state_dict(checkpoint: dict, path: str, use_ema: bool) -> dict:
     return checkpoint
 
 
+def read_torch_checkpoint(path: str) -> Any:
+    """A whole PyTorch checkpoint (e.g. a timm training checkpoint), read with
+    ``weights_only=True`` (plus ``argparse.Namespace``); a file that needs code is refused."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    return _load_torch(path)
+
+
 def load_checkpoint_file(path: str, use_ema: bool = False) -> Dict[str, torch.Tensor]:
     """Load a state dict of tensors from a PyTorch file or a Paddle ``.pdparams`` file.
 

@@ -2,7 +2,9 @@
 
 The official ImageNet-1K weights (B1, B2, B3, B4, B6) are the ``MixFormer_B*_pretrained.pdparams``
 files listed in ``MODEL_URLS`` of PaddleClas's ``ppcls/arch/backbone/model_zoo/mixformer.py`` at
-commit 60239c9; docs/mixformer.md ("Weights") gives the commands.
+commit 60239c9; docs/mixformer.md ("Weights") gives the commands. With ``keep_head`` the
+classification tail is kept under the official names: a state dict for the timm classifier
+``hybrid_mixformer_<variant>``.
 """
 
 import logging
@@ -11,7 +13,7 @@ from typing import Dict, List, Tuple
 import torch
 from torch import nn
 
-from ..backbones.mixformer import MixFormer, variant_config
+from ..backbones.mixformer import MixFormer, MixFormerClassifier, variant_config
 from .validation import check_state_dict
 
 logger = logging.getLogger(__name__)
@@ -32,30 +34,32 @@ def _rename(name: str) -> str:
     return name
 
 
-def _reference_network(variant: str) -> MixFormer:
+def _reference_network(variant: str, keep_head: bool) -> MixFormer:
     config = variant_config(variant)
     config.pop("drop_path_rate")
     with torch.device("meta"):  # shapes only, no memory or init cost
-        return MixFormer(**config)
+        return MixFormerClassifier(variant) if keep_head else MixFormer(**config)
 
 
 def convert_mixformer(
-    official: Dict[str, torch.Tensor], variant: str
+    official: Dict[str, torch.Tensor], variant: str, keep_head: bool = False
 ) -> Tuple[Dict[str, torch.Tensor], List[str]]:
     """Convert a PaddleClas MixFormer state dict for the given variant.
 
     Paddle Linear weights ([in, out]) are transposed, BatchNorm ``_mean``/``_variance`` renamed, and
     ``num_batches_tracked`` added; ``relative_position_index`` buffers and the classification tail
-    are dropped. The result is checked against the variant's keys and shapes.
+    are dropped (the tail is kept with ``keep_head``). The result is checked against the
+    variant's keys and shapes.
 
     Returns:
-        the state dict with keys prefixed by ``PREFIX``, and the dropped official keys.
+        the state dict with keys prefixed by ``PREFIX`` (``keep_head``: the classifier's keys,
+        unprefixed), and the dropped official keys.
 
     Raises:
         ValueError listing every missing key, unexpected key and shape mismatch (PyTorch
         names and layouts).
     """
-    network = _reference_network(variant)
+    network = _reference_network(variant, keep_head)
     expected = {name: tuple(t.shape) for name, t in network.state_dict().items()}
     linear_weights = {
         f"{name}.weight"
@@ -65,9 +69,8 @@ def convert_mixformer(
 
     converted, dropped = {}, []
     for official_name, tensor in official.items():
-        if official_name.startswith(_TAIL_PREFIXES) or official_name.endswith(
-            "relative_position_index"
-        ):
+        tail = not keep_head and official_name.startswith(_TAIL_PREFIXES)
+        if tail or official_name.endswith("relative_position_index"):
             dropped.append(official_name)
             continue
         name = _rename(official_name)
@@ -80,6 +83,7 @@ def convert_mixformer(
 
     check_state_dict(converted, expected, f"MixFormer-{variant.upper()}", variant)
     if dropped:
-        logger.info("dropped %d keys not used for detection: %s", len(dropped), dropped)
-    return {PREFIX + name: tensor for name, tensor in converted.items()}, dropped
+        logger.info("dropped %d keys: %s", len(dropped), dropped)
+    prefix = "" if keep_head else PREFIX
+    return {prefix + name: tensor for name, tensor in converted.items()}, dropped
 

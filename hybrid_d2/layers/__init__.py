@@ -1,6 +1,13 @@
 """Building blocks shared by the hybrid_d2 backbone families."""
 
 from .backbone import FEATURE_NAMES, PyramidBackbone
+from .classifier import (
+    ClassifierMixin,
+    channel_norm,
+    check_in_chans,
+    model_name,
+    register_classifiers,
+)
 from .dilated_attention import dilated_attention
 from .flops import FLOP_HANDLES, flop_count_analysis
 from .norm import FrozenStatsBatchNorm2d, get_norm, inference_affine, norm_for_device
@@ -8,6 +15,11 @@ from .window_masks import window_attention_mask
 from .windows import pad_to_multiple, relative_position_index, window_partition, window_reverse
 
 __all__ = [
+    "ClassifierMixin",
+    "channel_norm",
+    "check_in_chans",
+    "model_name",
+    "register_classifiers",
     "FEATURE_NAMES",
     "FLOP_HANDLES",
     "FrozenStatsBatchNorm2d",

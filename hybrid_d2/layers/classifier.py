@@ -1,0 +1,133 @@
+"""What the families' ImageNet classifiers share: timm's classifier interface and their
+registration with ``timm.models.register_model`` (docs/pretraining.md).
+
+Each family's classifier subclasses its trunk (same modules, so official checkpoints keep their
+key names) and adds the paper's tail; this module gives them ``forward_head``, ``forward``,
+``get_classifier`` / ``reset_classifier`` and one timm entry point per variant named
+``hybrid_<family>_<variant>``.
+"""
+
+import sys
+from functools import partial
+from typing import Any, Callable, Dict, Iterable, List, Tuple, Type
+
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from torch import nn
+
+__all__ = [
+    "MODEL_PREFIX",
+    "ClassifierMixin",
+    "channel_norm",
+    "check_in_chans",
+    "model_name",
+    "register_classifiers",
+]
+
+MODEL_PREFIX = "hybrid_"  # timm has no model of that name: ours never shadow timm's
+
+
+def model_name(family: str, variant: str) -> str:
+    """timm name of a family's variant, e.g. ``hybrid_mixformer_b1``."""
+    return f"{MODEL_PREFIX}{family}_{variant}"
+
+
+def check_in_chans(in_chans: int, family: str) -> None:
+    """The trunks take RGB only; timm's scripts pass ``in_chans``."""
+    if in_chans != 3:
+        raise ValueError(f"{family} classifiers take 3 input channels, got in_chans={in_chans}")
+
+
+def channel_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A LayerNorm over the channels of an NCHW map."""
+    return norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class ClassifierMixin:
+    """timm's classifier interface over ``forward_features`` (an NCHW map): global average pool,
+    dropout (timm's ``--drop``), then ``self.head``. Subclasses call :meth:`_init_head` and name
+    their classification-only modules in ``TAIL``."""
+
+    TAIL: Tuple[str, ...] = ()
+
+    def _init_head(self, num_features: int, num_classes: int, drop_rate: float) -> None:
+        self.num_features = num_features
+        self.head_hidden_size = num_features  # timm: the width of forward_head(pre_logits=True)
+        self.num_classes = num_classes
+        self.drop_rate = drop_rate
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = self._new_classifier(num_classes)
+
+    def _new_classifier(self, num_classes: int) -> nn.Module:
+        head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        head.apply(self._init_weights)
+        return head
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C) global average pool."""
+        return x.mean(dim=(2, 3))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.head_drop(self.pool(x))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Any = None) -> None:
+        """A fresh classifier for ``num_classes`` (0: pooled features); pooling stays average."""
+        self.num_classes = num_classes
+        self.head = self._new_classifier(num_classes)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for module in self.modules():
+            if hasattr(module, "use_checkpoint"):
+                module.use_checkpoint = enable
+
+
+def _entrypoint(cls: Type[nn.Module], name: str, variant: str, module: str) -> Callable:
+    def create(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+        return build_model_with_cfg(partial(cls, variant), name, pretrained, **kwargs)
+
+    create.__name__ = create.__qualname__ = name
+    create.__module__ = module
+    create.__doc__ = f"{cls.__name__} {variant!r} for timm.create_model."
+    return create
+
+
+def register_classifiers(
+    module: str,
+    family: str,
+    cls: Type[nn.Module],
+    variants: Iterable[str],
+    **cfg: Any,
+) -> List[str]:
+    """Register ``cls(variant, ...)`` with timm for every variant, as ``hybrid_<family>_<v>``.
+
+    ``cfg`` updates the pretrained config (input size 224, ImageNet mean/std, bicubic,
+    crop_pct 0.875 unless given; ``classifier`` names the head for timm's fine-tuning).
+    The entry points become attributes of ``module`` (the family's module).
+    """
+    base: Dict[str, Any] = dict(
+        input_size=(3, 224, 224),
+        pool_size=(7, 7),
+        crop_pct=0.875,
+        interpolation="bicubic",
+        mean=IMAGENET_DEFAULT_MEAN,
+        std=IMAGENET_DEFAULT_STD,
+        num_classes=1000,
+        classifier="head",
+    )
+    variants = list(variants)
+    names = [model_name(family, v) for v in variants]
+    target = sys.modules[module]
+    target.default_cfgs = generate_default_cfgs({name: {**base, **cfg} for name in names})
+    for name, variant in zip(names, variants):
+        entrypoint = _entrypoint(cls, name, variant, module)
+        setattr(target, name, entrypoint)
+        register_model(entrypoint)
+    return names

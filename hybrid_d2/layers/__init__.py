@@ -2,7 +2,7 @@
 
 from .backbone import FEATURE_NAMES, PyramidBackbone
 from .dilated_attention import dilated_attention
-from .flops import FLOP_HANDLES, flop_count_analysis
+from .flops import FLOP_HANDLES, MMCV_FLOP_HANDLES, flop_count_analysis, flop_totals
 from .norm import FrozenStatsBatchNorm2d, get_norm, norm_for_device
 from .window_masks import window_attention_mask
 from .windows import pad_to_multiple, relative_position_index, window_partition, window_reverse
@@ -10,10 +10,12 @@ from .windows import pad_to_multiple, relative_position_index, window_partition,
 __all__ = [
     "FEATURE_NAMES",
     "FLOP_HANDLES",
+    "MMCV_FLOP_HANDLES",
     "FrozenStatsBatchNorm2d",
     "PyramidBackbone",
     "dilated_attention",
     "flop_count_analysis",
+    "flop_totals",
     "get_norm",
     "norm_for_device",
     "pad_to_multiple",

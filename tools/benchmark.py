@@ -16,6 +16,7 @@ at the benchmark size. CPU peak memory: a subprocess per model (max RSS, glibc r
 blocks; see tools/benchmark_backbones.py): one inference, then one training step. CUDA:
 ``torch.cuda.max_memory_allocated``, fp32 and AMP (float16 autocast).
 """
+
 import argparse
 import datetime
 import json
@@ -95,7 +96,11 @@ def model_config(name: str, device: str) -> CfgNode:
         cfg.merge_from_file(d2_model_zoo.get_config_file(D2_R50))
         if name != REFERENCE:
             cfg.MODEL.BACKBONE.NAME = "build_swin_t_fpn_backbone"
-            cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD = [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]
+            cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD = [123.675, 116.28, 103.53], [
+                58.395,
+                57.12,
+                57.375,
+            ]
             cfg.INPUT.FORMAT = "RGB"
     else:
         cfg = get_config(os.path.join(REPO_ROOT, path))
@@ -120,9 +125,12 @@ def synthetic_batch(images: int, height: int, width: int, device: str, train: bo
             masks = torch.zeros(5, height, width, dtype=torch.bool)
             for mask, (x0, y0, x1, y1) in zip(masks, boxes.round().long().tolist()):
                 mask[y0:y1, x0:x1] = True
-            instances = Instances((height, width), gt_boxes=Boxes(boxes),
-                                  gt_classes=torch.randint(0, 80, (5,), generator=generator),
-                                  gt_masks=BitMasks(masks))
+            instances = Instances(
+                (height, width),
+                gt_boxes=Boxes(boxes),
+                gt_classes=torch.randint(0, 80, (5,), generator=generator),
+                gt_masks=BitMasks(masks),
+            )
             item["instances"] = instances.to(device)
         batch.append(item)
     return batch
@@ -173,7 +181,9 @@ class Runner:
             return flop_totals(DummyForward(self.model, (height, width)), image)["fvcore"] / 1e9
 
 
-def round_robin(runners: Dict[str, Runner], method: str, warmup: int, rounds: int) -> Dict[str, List[float]]:
+def round_robin(
+    runners: Dict[str, Runner], method: str, warmup: int, rounds: int
+) -> Dict[str, List[float]]:
     """Seconds per call of ``method`` for each runner, the runners alternating in each round."""
     for runner in runners.values():
         for _ in range(warmup):
@@ -182,7 +192,11 @@ def round_robin(runners: Dict[str, Runner], method: str, warmup: int, rounds: in
     for r in range(rounds):
         for name, runner in runners.items():
             times[name].append(getattr(runner, method)())
-            print(f"  {method} round {r + 1}/{rounds}: {name} {times[name][-1]:.2f} s", file=sys.stderr, flush=True)
+            print(
+                f"  {method} round {r + 1}/{rounds}: {name} {times[name][-1]:.2f} s",
+                file=sys.stderr,
+                flush=True,
+            )
     return times
 
 
@@ -190,8 +204,18 @@ def memory_worker(name: str, args: argparse.Namespace) -> Dict[str, float]:
     """CPU max RSS of one model in a fresh process: base, after one inference, after one training step."""
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MALLOC_MMAP_THRESHOLD_=str(64 * 1024))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO_ROOT, env.get("PYTHONPATH")]))
-    command = [sys.executable, __file__, "--memory-worker", name, "--threads", str(args.threads),
-               "--height", str(args.height), "--width", str(args.width)]
+    command = [
+        sys.executable,
+        __file__,
+        "--memory-worker",
+        name,
+        "--threads",
+        str(args.threads),
+        "--height",
+        str(args.height),
+        "--width",
+        str(args.width),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise RuntimeError(f"{name}: memory worker failed:\n{result.stderr[-2000:]}")
@@ -244,8 +268,12 @@ def paper_row_key(name: str) -> str:
 
 def render(run: dict) -> str:
     """Markdown tables of one benchmark run (every setting it measured)."""
-    lines = [f"Command: `{run['command']}`  \nMachine: {run['machine']}  \nDate: {run['date']}  \n"
-             f"Settings: {run['settings']}\n"]
+    lines = [
+        f"Command: `{run['command']}`  \nMachine: {run['machine']}  \nDate: {run['date']}  \n"
+        f"Settings: {run['settings']}\n"
+    ]
+    if run["note"]:
+        lines.append(f"\n**Note: {run['note']}**\n")
     for setting, results in run["results"].items():
         ref = results[REFERENCE]
         ref_per_gflop = ref["latency_s"]["median"] / ref["gflops"]
@@ -293,17 +321,24 @@ def write_outputs(run: dict, json_path: str, doc_path: str) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch and OpenMP)")
     parser.add_argument("--height", type=int, default=800)
     parser.add_argument("--width", type=int, default=1333)
     parser.add_argument("--warmup", type=int, default=1, help="untimed inference runs per model")
     parser.add_argument("--rounds", type=int, default=5, help="timed inference rounds")
-    parser.add_argument("--train-rounds", type=int, default=3, help="timed training steps (after 1 warm-up)")
+    parser.add_argument(
+        "--train-rounds", type=int, default=2, help="timed training steps (after 1 warm-up)"
+    )
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--no-cuda", action="store_true", help="CPU only even with a GPU")
     parser.add_argument("--json", default=RESULTS)
     parser.add_argument("--doc", default=DOC, help="markdown file to update, or - for stdout")
+    parser.add_argument(
+        "--note", default="", help="a remark on the run, shown in the doc and the plot"
+    )
     parser.add_argument("--memory-worker", choices=list(MODELS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -317,11 +352,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if torch.cuda.is_available() and not args.no_cuda:
         settings.update({"CUDA fp32": ("cuda", False), "CUDA AMP (float16)": ("cuda", True)})
     run = {
-        "command": "python tools/benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python tools/benchmark.py "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": machine(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "settings": f"{args.height}x{args.width}, {args.warmup} warm-up + {args.rounds} inference "
-                    f"rounds, 1 + {args.train_rounds} training steps of 2 images",
+        f"rounds, 1 + {args.train_rounds} training steps of 2 images",
+        "note": args.note,
         "results": {},
     }
     for setting, (device, amp) in settings.items():

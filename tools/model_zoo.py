@@ -13,6 +13,7 @@ or keypoint head on the first NUM_MASKS of them. Counted in two conventions
 (``hybrid_d2.layers.flops``): fvcore's, and mmcv's (no attention products, no dynamic kernels).
 Only the text between the BEGIN and END markers of the output is rewritten.
 """
+
 import argparse
 import glob
 import os
@@ -65,7 +66,9 @@ def load_config(path: str, opts: Sequence[str] = ()) -> CfgNode:
 def experiment_configs(patterns: Sequence[str]) -> List[str]:
     """The experiment configs matching ``patterns`` (globs), without the Base-* files."""
     paths = sorted({p for pattern in patterns for p in glob.glob(pattern)})
-    paths = [p for p in paths if p.endswith(".yaml") and not os.path.basename(p).startswith("Base-")]
+    paths = [
+        p for p in paths if p.endswith(".yaml") and not os.path.basename(p).startswith("Base-")
+    ]
     if not paths:
         raise SystemExit(f"model_zoo: no experiment config matches {list(patterns)}")
     return paths
@@ -76,18 +79,27 @@ def backbone_network_params(family: str, variant: str) -> int:
     node, _, builder = FAMILIES[family]
     cfg = get_config(
         os.path.join(REPO_ROOT, "configs", "Base-Hybrid.yaml"),
-        ["MODEL.DEVICE", "cpu", f"MODEL.{node}.VARIANT", variant, f"MODEL.{node}.NORM", "BN",
-         "MODEL.BACKBONE.FREEZE_AT", "0"],
+        [
+            "MODEL.DEVICE",
+            "cpu",
+            f"MODEL.{node}.VARIANT",
+            variant,
+            f"MODEL.{node}.NORM",
+            "BN",
+            "MODEL.BACKBONE.FREEZE_AT",
+            "0",
+        ],
     )
     with torch.device("meta"):  # shapes only: no memory, no initialisation
         backbone = BACKBONE_REGISTRY.get(builder)(cfg, ShapeSpec(channels=3))
     return parameter_count(backbone.net)[""]
 
 
-def check() -> List[str]:
+def check(families: Sequence[str] = tuple(FAMILIES)) -> List[str]:
     """One line per family variant whose backbone parameters differ from BACKBONE_PARAMS."""
     errors = []
-    for family, (_, variants, _) in FAMILIES.items():
+    for family in families:
+        variants = FAMILIES[family][1]
         recorded = BACKBONE_PARAMS[family]
         for variant in sorted(variants):
             if variant not in recorded:
@@ -95,7 +107,9 @@ def check() -> List[str]:
                 continue
             got = backbone_network_params(family, variant)
             if got != recorded[variant]:
-                errors.append(f"{family} {variant}: expected {recorded[variant]:,} params, got {got:,}")
+                errors.append(
+                    f"{family} {variant}: expected {recorded[variant]:,} params, got {got:,}"
+                )
     return errors
 
 
@@ -108,7 +122,9 @@ class DummyForward(nn.Module):
         generator = torch.Generator().manual_seed(0)
         height, width = size
         corner = torch.rand(NUM_BOXES, 2, generator=generator) * torch.tensor([width, height]) * 0.8
-        extent = 16 + torch.rand(NUM_BOXES, 2, generator=generator) * torch.tensor([width, height]) * 0.2
+        extent = (
+            16 + torch.rand(NUM_BOXES, 2, generator=generator) * torch.tensor([width, height]) * 0.2
+        )
         self.register_buffer("boxes", torch.cat([corner, corner + extent], 1), persistent=False)
 
     def forward(self, image: torch.Tensor) -> List[torch.Tensor]:
@@ -119,7 +135,9 @@ class DummyForward(nn.Module):
         rpn, heads = model.proposal_generator, model.roi_heads
         outputs = _flatten(rpn.rpn_head([features[f] for f in rpn.in_features]))
         pooled = heads.box_pooler([features[f] for f in heads.box_in_features], [Boxes(self.boxes)])
-        box_heads = heads.box_head if isinstance(heads.box_head, nn.ModuleList) else [heads.box_head]
+        box_heads = (
+            heads.box_head if isinstance(heads.box_head, nn.ModuleList) else [heads.box_head]
+        )
         predictors = heads.box_predictor
         predictors = predictors if isinstance(predictors, nn.ModuleList) else [predictors]
         for box_head, predictor in zip(box_heads, predictors):
@@ -129,7 +147,11 @@ class DummyForward(nn.Module):
             if on:
                 pooler = getattr(heads, f"{name}_pooler")
                 in_features = getattr(heads, f"{name}_in_features")
-                outputs.append(getattr(heads, f"{name}_head").layers(pooler([features[f] for f in in_features], some)))
+                outputs.append(
+                    getattr(heads, f"{name}_head").layers(
+                        pooler([features[f] for f in in_features], some)
+                    )
+                )
         return outputs
 
 
@@ -173,7 +195,9 @@ def _percent(value: Optional[float]) -> str:
     return "—" if value is None else f"{100 * value:+.1f}%"
 
 
-def table_rows(stats: Dict[str, Dict[str, float]], sizes: Dict[str, Tuple[int, int]]) -> Tuple[List[str], List[str]]:
+def table_rows(
+    stats: Dict[str, Dict[str, float]], sizes: Dict[str, Tuple[int, int]]
+) -> Tuple[List[str], List[str]]:
     """Markdown rows and footnotes (one per row outside tolerance)."""
     rows, notes = [], []
     for name, s in stats.items():
@@ -183,8 +207,14 @@ def table_rows(stats: Dict[str, Dict[str, float]], sizes: Dict[str, Tuple[int, i
         ours_flops = s[f"gflops_{paper.flop_convention}"] if paper else None
         comparable = paper and paper.gflops and sizes[name] == paper.size
         d_flops = _relative(ours_flops, paper.gflops) if comparable else None
-        out = [k for k, d, tol in (("params", d_params, PARAMS_TOLERANCE), ("FLOPs", d_flops, FLOPS_TOLERANCE))
-               if d is not None and abs(d) > tol]
+        out = [
+            k
+            for k, d, tol in (
+                ("params", d_params, PARAMS_TOLERANCE),
+                ("FLOPs", d_flops, FLOPS_TOLERANCE),
+            )
+            if d is not None and abs(d) > tol
+        ]
         flag = ""
         if out:
             notes.append(
@@ -201,7 +231,8 @@ def table_rows(stats: Dict[str, Dict[str, float]], sizes: Dict[str, Tuple[int, i
             ap = f"{paper.box_ap}" + (f" / {paper.mask_ap}" if paper.mask_ap is not None else "")
         paper_size = (
             f"{paper.params_m}M, {paper.gflops or '—'}G ({paper.flop_convention}), {paper.source}"
-            if paper else "—"
+            if paper
+            else "—"
         )
         h, w = sizes[name]
         rows.append(
@@ -212,7 +243,9 @@ def table_rows(stats: Dict[str, Dict[str, float]], sizes: Dict[str, Tuple[int, i
     return rows, notes
 
 
-def render(stats: Dict[str, Dict[str, float]], sizes: Dict[str, Tuple[int, int]], command: str) -> str:
+def render(
+    stats: Dict[str, Dict[str, float]], sizes: Dict[str, Tuple[int, int]], command: str
+) -> str:
     rows, notes = table_rows(stats, sizes)
     header = (
         "| config | backbone params (M) | detector params (M) | FLOP size | GFLOPs fvcore | "
@@ -220,9 +253,16 @@ def render(stats: Dict[str, Dict[str, float]], sizes: Dict[str, Tuple[int, int]]
         "Δ params | Δ FLOPs |\n|---|---|---|---|---|---|---|---|---|---|"
     )
     footnotes = "".join(f"\n{i}. {note}" for i, note in enumerate(notes, 1))
-    return f"Generated by `{command}`.\n\n{header}\n" + "\n".join(rows) + "\n" + (
-        f"\nRows outside tolerance (params ±{PARAMS_TOLERANCE:.0%}, FLOPs ±{FLOPS_TOLERANCE:.0%} in "
-        f"the paper's convention):\n{footnotes}\n" if notes else "\nAll rows within tolerance.\n"
+    return (
+        f"Generated by `{command}`.\n\n{header}\n"
+        + "\n".join(rows)
+        + "\n"
+        + (
+            f"\nRows outside tolerance (params ±{PARAMS_TOLERANCE:.0%}, FLOPs ±{FLOPS_TOLERANCE:.0%} in "
+            f"the paper's convention):\n{footnotes}\n"
+            if notes
+            else "\nAll rows within tolerance.\n"
+        )
     )
 
 
@@ -235,16 +275,31 @@ def replace_generated(text: str, generated: str, path: str) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--configs", nargs="+", default=[os.path.join(REPO_ROOT, "configs", "*.yaml")],
-                        help="config globs (default: every experiment config)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        default=[os.path.join(REPO_ROOT, "configs", "*.yaml")],
+        help="config globs (default: every experiment config)",
+    )
     parser.add_argument("--height", type=int, help="FLOP input height instead of the paper's")
     parser.add_argument("--width", type=int, help="FLOP input width instead of the paper's")
     parser.add_argument("--output", default=DOC, help="markdown file to update, or - for stdout")
-    parser.add_argument("--check", action="store_true", help="only compare backbone params with the recorded counts")
+    parser.add_argument(
+        "--check", action="store_true", help="only compare backbone params with the recorded counts"
+    )
+    parser.add_argument(
+        "--families",
+        nargs="+",
+        choices=list(FAMILIES),
+        default=list(FAMILIES),
+        help="families for --check (default: all)",
+    )
     args = parser.parse_args(argv)
     if args.check:
-        errors = check()
+        errors = check(args.families)
         for error in errors:
             print(f"model_zoo --check: {error}", file=sys.stderr)
         print(f"model_zoo --check: {'FAILED' if errors else 'ok'}", file=sys.stderr)
@@ -255,7 +310,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for path in tqdm(experiment_configs(args.configs), desc="model_zoo", unit="config"):
         name = os.path.splitext(os.path.basename(path))[0]
         cfg = load_config(path)
-        sizes[name] = (args.height, args.width) if args.height else flop_size(cfg, PAPER_ROWS.get(name))
+        sizes[name] = (
+            (args.height, args.width) if args.height else flop_size(cfg, PAPER_ROWS.get(name))
+        )
         key = (cfg.MODEL.dump(), sizes[name])  # 1x and 3x configs share their model
         if key not in counted:
             counted[key] = detector_stats(cfg, sizes[name])

@@ -1,5 +1,6 @@
 """The numbers tools/model_zoo.py and tools/plot_model_zoo.py compare against: the papers' COCO
 rows and each backbone's recorded parameter count. Every value names its source."""
+
 from typing import Dict, NamedTuple, Optional, Tuple
 
 
@@ -68,7 +69,13 @@ for _v, _p, _f, _ap1, _ap3 in (
     ("b", 95, 495, (48.5, 43.6), (49.6, 44.6)),
 ):
     _mask_rcnn(
-        f"dualformer_{_v}", "DualFormer Table 3", _p, _f, _ap1, _ap3, "fvcore",
+        f"dualformer_{_v}",
+        "DualFormer Table 3",
+        _p,
+        _f,
+        _ap1,
+        _ap3,
+        "fvcore",
         note=_DUALFORMER_NOTE,
     )
 for _v, _p, _f, _ap in (("xxs", 17.4, 160, 35.3), ("xs", 20.2, 161, 37.3), ("s", 23.6, 165, 39.0)):
@@ -76,8 +83,15 @@ for _v, _p, _f, _ap in (("xxs", 17.4, 160, 35.3), ("xs", 20.2, 161, 37.3), ("s",
         "DMF Table 4", _p, _f, "mmcv", DMF_SIZE, _ap, trainable_params=True
     )
 _mask_rcnn(
-    "dmf_s", "DMF Table 5", 34.2, 181, (39.8, 37.1), (42.4, 39.0), "mmcv",
-    size=DMF_SIZE, trainable_params=True,
+    "dmf_s",
+    "DMF Table 5",
+    34.2,
+    181,
+    (39.8, 37.1),
+    (42.4, 39.0),
+    "mmcv",
+    size=DMF_SIZE,
+    trainable_params=True,
 )
 
 # Reference detectors (Swin's Table 3 numbers, as MixFormer Table 4 and DilateFormer Table IV
@@ -106,7 +120,12 @@ BACKBONE_PARAMS: Dict[str, Dict[str, int]] = {
         "b6": 117_238_198,
     },
     "dilateformer": {"tiny": 16_660_592, "small": 23_479_352, "base": 46_661_840},
-    "dualformer": {"tiny": 5_213_512, "xsmall": 10_169_070, "small": 20_891_770, "base": 71_482_991},
+    "dualformer": {
+        "tiny": 5_213_512,
+        "xsmall": 10_169_070,
+        "small": 20_891_770,
+        "base": 71_482_991,
+    },
     "dmf": {"xxs": 10_186_528, "xs": 12_994_852, "s": 16_502_332},
     "dmformer": {"s": 26_102_080, "l": 44_391_040},
 }

@@ -5,6 +5,7 @@ marker per model, with ResNet-50 and Swin-T Mask R-CNN for reference.
 
     python tools/plot_model_zoo.py [--results docs/benchmark_results.json] [--output docs/model_zoo.png]
 """
+
 import argparse
 import json
 import os
@@ -64,23 +65,31 @@ def _dedup_legend(ax) -> None:
     ax.legend(unique.values(), unique.keys(), fontsize=7, loc="lower right")
 
 
-def plot(results: Optional[Dict[str, dict]], setting: Optional[str], output: str) -> None:
+def plot(results: Optional[Dict[str, dict]], setting: str, note: str, output: str) -> None:
     """Write the figure; without ``results`` the latency panel says that none exist."""
     fig, (by_params, by_latency) = plt.subplots(1, 2, figsize=(11, 4.8))
     one_x = {k: r for k, r in PAPER_ROWS.items() if k.endswith("_1x") and r.box_ap is not None}
     for key, row in {**one_x, **REFERENCE_ROWS}.items():
         _point(by_params, key, row, row.params_m)
-    by_params.set(xlabel="detector parameters (M, papers' counts)", ylabel="COCO box AP (paper)",
-                  title="Box AP against size")
+    by_params.set(
+        xlabel="detector parameters (M, papers' counts)",
+        ylabel="COCO box AP (paper)",
+        title="Box AP against size",
+    )
     if results:
         for name, r in results.items():
             key = r["paper_row"]
             row = REFERENCE_ROWS.get(key) or PAPER_ROWS.get(key)
             if row is not None and row.box_ap is not None:
                 _point(by_latency, key, row, r["latency_s"]["median"])
-        by_latency.set(xlabel=f"measured latency per image (s), {setting}", title="Box AP against latency")
+        by_latency.set(
+            xlabel=f"measured latency per image (s)\n{setting}",
+            title="Box AP against latency" + (f"\n{note}" if note else ""),
+        )
     else:
-        by_latency.text(0.5, 0.5, "no benchmark results yet", ha="center", transform=by_latency.transAxes)
+        by_latency.text(
+            0.5, 0.5, "no benchmark results yet", ha="center", transform=by_latency.transAxes
+        )
     for ax in (by_params, by_latency):
         ax.grid(alpha=0.3)
         _dedup_legend(ax)
@@ -92,20 +101,27 @@ def plot(results: Optional[Dict[str, dict]], setting: Optional[str], output: str
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--results", default=os.path.join(REPO_ROOT, "docs", "benchmark_results.json"))
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument(
+        "--results", default=os.path.join(REPO_ROOT, "docs", "benchmark_results.json")
+    )
     parser.add_argument("--setting", help="which setting of the results (default: the first, CPU)")
     parser.add_argument("--output", default=os.path.join(REPO_ROOT, "docs", "model_zoo.png"))
     args = parser.parse_args(argv)
-    results, setting = None, None
+    results, setting, note = None, "", ""
     if os.path.exists(args.results):
         with open(args.results) as f:
             run = json.load(f)
         setting = args.setting or next(iter(run["results"]))
         if setting not in run["results"]:
-            raise SystemExit(f"plot_model_zoo: no setting {setting!r} in {args.results}; has {list(run['results'])}")
-        results = run["results"][setting]
-    plot(results, setting, args.output)
+            raise SystemExit(
+                f"plot_model_zoo: no setting {setting!r} in {args.results}; has {list(run['results'])}"
+            )
+        results, note = run["results"][setting], run.get("note", "")
+        setting = f"{setting}, {run['settings']}"
+    plot(results, setting, note, args.output)
     return 0
 
 

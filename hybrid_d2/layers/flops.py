@@ -187,7 +187,9 @@ def flop_count_analysis(
     docstring) added; ``"fvcore"`` also counts dilated attention (a plain ``FlopCountAnalysis``
     traces it as element-wise ops that fvcore skips)."""
     if convention not in CONVENTIONS:
-        raise ValueError(f"unknown FLOP convention {convention!r}; expected one of {sorted(CONVENTIONS)}")
+        raise ValueError(
+            f"unknown FLOP convention {convention!r}; expected one of {sorted(CONVENTIONS)}"
+        )
     if isinstance(inputs, torch.Tensor):
         inputs = (inputs,)
     return _FlopCountAnalysis(model, inputs).set_op_handle(**CONVENTIONS[convention])

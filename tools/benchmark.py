@@ -12,8 +12,9 @@ none and skip it). Training: train mode, 2 images per batch with 5 synthetic ins
 (boxes, classes, rectangle masks), forward + backward + SGD step. Models alternate within each
 round (round-robin), so that drift of the machine hits all alike; the tables give the median and
 the range (min-max) over the rounds. GFLOPs: fvcore convention of tools/model_zoo.py's protocol
-at the benchmark size. CPU peak memory: a subprocess per model (max RSS, glibc returning freed
-blocks; see tools/benchmark_backbones.py): one inference, then one training step. CUDA:
+at the benchmark size. CPU peak memory: a subprocess per model (peak RSS added by one inference, then
+by one training step, the peak reset in between; glibc returns freed blocks, as in
+tools/benchmark_backbones.py). CUDA:
 ``torch.cuda.max_memory_allocated``, fp32 and AMP (float16 autocast).
 """
 
@@ -46,7 +47,6 @@ from hybrid_d2.utils import atomic_output
 TOOLS = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(TOOLS)
 sys.path.insert(0, TOOLS)
-from benchmark_backbones import max_rss_mib  # noqa: E402
 from model_zoo import DummyForward, padded  # noqa: E402
 
 REFERENCE = "R50 Mask R-CNN"
@@ -222,13 +222,30 @@ def memory_worker(name: str, args: argparse.Namespace) -> Dict[str, float]:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def _rss_mib(field: str) -> float:
+    """VmRSS (current) or VmHWM (peak since the last reset) of this process, Linux."""
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith(field + ":"))
+    return int(line.split()[1]) / 1024
+
+
+def _peak_added_mib(step: Callable[[], float]) -> float:
+    """Peak RSS during ``step`` over the RSS before it: writing 5 to /proc/self/clear_refs resets
+    the peak (VmHWM) to the current RSS, so that building the model does not mask it."""
+    base = _rss_mib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    step()
+    return _rss_mib("VmHWM") - base
+
+
 def run_memory_worker(name: str, args: argparse.Namespace) -> Dict[str, float]:
     runner = Runner(name, args, "cpu", amp=False)
-    base = max_rss_mib()
-    runner.infer()
-    inference = max_rss_mib()
-    runner.train_step()
-    return {"base_mib": base, "inference_mib": inference - base, "train_mib": max_rss_mib() - base}
+    return {
+        "base_mib": _rss_mib("VmRSS"),
+        "inference_mib": _peak_added_mib(runner.infer),
+        "train_mib": _peak_added_mib(runner.train_step),
+    }
 
 
 def summary(times: List[float]) -> Dict[str, float]:

@@ -126,7 +126,7 @@ MODELS: Dict[str, Callable[[], nn.Module]] = {
 }
 
 
-def max_rss_mib() -> float:
+def _max_rss_mib() -> float:
     # ru_maxrss is in KiB on Linux
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -144,7 +144,7 @@ def measure(
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated() / 2**20
     else:
-        base = max_rss_mib()
+        base = _max_rss_mib()
     times = []
     with torch.no_grad():
         for i in range(warmup + repeats):
@@ -154,7 +154,7 @@ def measure(
                 torch.cuda.synchronize()
             if i >= warmup:
                 times.append((time.perf_counter() - start) / batch)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else max_rss_mib()
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _max_rss_mib()
     with torch.no_grad():
         analysis = flop_count_analysis(model, image).unsupported_ops_warnings(False)
         gflops = analysis.uncalled_modules_warnings(False).total() / 1e9 / batch  # per image

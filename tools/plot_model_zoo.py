@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import textwrap
 from typing import Dict, Optional, Sequence
 
 import matplotlib
@@ -83,7 +84,7 @@ def plot(results: Optional[Dict[str, dict]], setting: str, note: str, output: st
             if row is not None and row.box_ap is not None:
                 _point(by_latency, key, row, r["latency_s"]["median"])
         by_latency.set(
-            xlabel=f"measured latency per image (s)\n{setting}",
+            xlabel=f"measured latency per image (s)\n{textwrap.fill(setting, 70)}",
             title="Box AP against latency" + (f"\n{note}" if note else ""),
         )
     else:

@@ -29,7 +29,9 @@ quickstart: install
 		--input "$${DETECTRON2_DATASETS:-datasets}/shapes/val/00000[1-4].png" \
 		--output $(QUICK_OUTPUT)/predictions --opts MODEL.WEIGHTS $(QUICK_OUTPUT)/model_final.pth
 
+# The backbone parameter check first (seconds), then the suite.
 test: install
+	$(PY) tools/model_zoo.py --check
 	$(PY) -m pytest -x -q -n 2 --dist loadfile --durations=25 tests
 
 clean:

@@ -9,7 +9,7 @@ from .classifier import (
     register_classifiers,
 )
 from .dilated_attention import dilated_attention
-from .flops import FLOP_HANDLES, flop_count_analysis
+from .flops import FLOP_HANDLES, MMCV_FLOP_HANDLES, flop_count_analysis, flop_totals
 from .norm import FrozenStatsBatchNorm2d, get_norm, inference_affine, norm_for_device
 from .window_masks import window_attention_mask
 from .windows import pad_to_multiple, relative_position_index, window_partition, window_reverse
@@ -22,10 +22,12 @@ __all__ = [
     "register_classifiers",
     "FEATURE_NAMES",
     "FLOP_HANDLES",
+    "MMCV_FLOP_HANDLES",
     "FrozenStatsBatchNorm2d",
     "PyramidBackbone",
     "dilated_attention",
     "flop_count_analysis",
+    "flop_totals",
     "get_norm",
     "inference_affine",
     "norm_for_device",

@@ -14,15 +14,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHAPES_CONFIG = REPO_ROOT / "configs/shapes/mixformer_b1_mask_rcnn_shapes.yaml"
 
 
-# The longest files first, so that with ``-n 2 --dist loadfile`` neither worker starts one of them
-# last while the other idles (about 4 and 6 minutes of a 15-minute suite).
-LONGEST_FILES = ("test_training.py", "test_resume.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    items.sort(key=lambda item: item.path.name not in LONGEST_FILES)  # stable: order kept otherwise
-
-
 def pytest_configure(config):
     """Under pytest-xdist (``-n N``) each worker, and each script it starts, gets its share of
     the cores, so that N workers do not each start a thread per core."""

@@ -74,6 +74,34 @@ def shapes_datasets(datasets_root) -> Path:
     register_shapes_under(None)
 
 
+def load_as_train_net_does(config: Path, weights: Path, monkeypatch):
+    """Build ``config``'s detector and load ``weights`` with train_net.py's own steps for
+    ``--eval-only MODEL.WEIGHTS`` (its config, its model, its checkpointer), on CPU.
+    Returns the model and the checkpointer's report of incompatible keys."""
+    import importlib.util
+
+    from hybrid_d2.checkpoint import SafeCheckpointer
+
+    spec = importlib.util.spec_from_file_location("train_net", REPO_ROOT / "train_net.py")
+    train_net = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_net)
+    args = train_net.parse_train_args(
+        ["--config-file", str(config), "--eval-only", "MODEL.WEIGHTS", str(weights),
+         "MODEL.DEVICE", "cpu"]
+    )  # fmt: skip
+    cfg = train_net.build_config(args)
+    model = train_net.Trainer.build_model(cfg)
+    reports = []
+    load_model = SafeCheckpointer._load_model
+    monkeypatch.setattr(
+        SafeCheckpointer, "_load_model",
+        lambda self, checkpoint: reports.append(load_model(self, checkpoint)) or reports[-1],
+    )  # fmt: skip
+    SafeCheckpointer(model).resume_or_load(cfg.MODEL.WEIGHTS, resume=False)
+    (incompatible,) = reports
+    return model, incompatible
+
+
 def load_config(path, opts=()):
     """A config file merged over Detectron2's and hybrid_d2's defaults, on CPU."""
     from hybrid_d2 import get_config

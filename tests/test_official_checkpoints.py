@@ -5,21 +5,18 @@ ImageNet network may be reported missing or unexpected, and the loaded trunk mus
 official network computes."""
 
 import functools
-import importlib.util
-import logging
 import re
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO_ROOT, randomize_batchnorms, run_script
+from conftest import REPO_ROOT, load_as_train_net_does, randomize_batchnorms, run_script
 from hybrid_d2.backbones import DilateFormer, DynamicMobileFormer, MixFormer
 from hybrid_d2.backbones.dilateformer import variant_config as dilateformer_variant
 from hybrid_d2.backbones.dmf import DynamicResidualConv2d
 from hybrid_d2.backbones.dmf import variant_config as dmf_variant
 from hybrid_d2.backbones.mixformer import variant_config as mixformer_variant
-from hybrid_d2.checkpoint import SafeCheckpointer
 from official_formats import (
     dilateformer_official_state,
     dmf_classifier_tail,
@@ -49,9 +46,6 @@ SHAPES_EVAL = [
     "MODEL.DEVICE", "cpu",
 ]
 
-spec = importlib.util.spec_from_file_location("train_net", REPO_ROOT / "train_net.py")
-train_net = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(train_net)
 
 
 def _network(family: str, variant: str) -> torch.nn.Module:
@@ -136,21 +130,9 @@ def test_converted_weights_load_into_every_shipped_config(config, tmp_path_facto
     folder.mkdir(exist_ok=True)
     _, weights, expected = converted(family, variant, folder)
 
-    # train_net.py's own steps for --eval-only: its config, its model, its checkpointer
-    args = train_net.parse_train_args(
-        ["--config-file", str(REPO_ROOT / "configs" / config), "--eval-only",
-         "MODEL.WEIGHTS", str(weights), "MODEL.DEVICE", "cpu"]
+    model, incompatible = load_as_train_net_does(
+        REPO_ROOT / "configs" / config, weights, monkeypatch
     )
-    cfg = train_net.build_config(args)
-    model = train_net.Trainer.build_model(cfg)
-    reports = []
-    load_model = SafeCheckpointer._load_model
-    monkeypatch.setattr(
-        SafeCheckpointer, "_load_model",
-        lambda self, checkpoint: reports.append(load_model(self, checkpoint)) or reports[-1],
-    )
-    SafeCheckpointer(model).resume_or_load(cfg.MODEL.WEIGHTS, resume=False)
-    (incompatible,) = reports
     assert incompatible.unexpected_keys == []
     assert incompatible.incorrect_shapes == []
     assert not [k for k in incompatible.missing_keys if k.startswith(NET_PREFIX)]

@@ -15,7 +15,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import CheckpointSaver, ModelEmaV3
 
-from conftest import REPO_ROOT, randomize_batchnorms, run_script
+from conftest import REPO_ROOT, load_as_train_net_does, randomize_batchnorms, run_script
 from official_formats import (
     dilateformer_official_state,
     mixformer_paddle_state,
@@ -23,7 +23,7 @@ from official_formats import (
     write_pdparams,
 )
 from hybrid_d2.backbones.dmf import DynamicResidualConv2d
-from hybrid_d2.checkpoint import CLASSIFIERS, SafeCheckpointer, convert_timm_checkpoint
+from hybrid_d2.checkpoint import CLASSIFIERS, convert_timm_checkpoint
 from hybrid_d2.layers import ClassifierMixin
 
 NAMES = [f"hybrid_{family}_{v}" for family, (_, variants) in CLASSIFIERS.items() for v in variants]
@@ -65,9 +65,6 @@ DETECTION = {
 # attention then computes what the classifier's global attention computes.
 IMAGE = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(0))
 
-_SPEC = importlib.util.spec_from_file_location("train_net", REPO_ROOT / "train_net.py")
-train_net = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(train_net)
 _SPEC = importlib.util.spec_from_file_location(
     "convert_pretrained", REPO_ROOT / "tools" / "convert_pretrained.py"
 )
@@ -219,21 +216,9 @@ def test_timm_checkpoint_to_shipped_detector(family, tmp_path, monkeypatch, caps
             str(weights)]  # fmt: skip
     assert convert_cli.main(argv) == 0, capsys.readouterr().err
 
-    # train_net.py's own steps for MODEL.WEIGHTS: its config, its model, its checkpointer
-    args = train_net.parse_train_args(
-        ["--config-file", str(REPO_ROOT / "configs" / config), "--eval-only",
-         "MODEL.WEIGHTS", str(weights), "MODEL.DEVICE", "cpu"]
-    )  # fmt: skip
-    cfg = train_net.build_config(args)
-    detector = train_net.Trainer.build_model(cfg)
-    reports = []
-    load_model = SafeCheckpointer._load_model
-    monkeypatch.setattr(
-        SafeCheckpointer, "_load_model",
-        lambda self, checkpoint: reports.append(load_model(self, checkpoint)) or reports[-1],
-    )  # fmt: skip
-    SafeCheckpointer(detector).resume_or_load(cfg.MODEL.WEIGHTS, resume=False)
-    (incompatible,) = reports
+    detector, incompatible = load_as_train_net_does(
+        REPO_ROOT / "configs" / config, weights, monkeypatch
+    )
     assert incompatible.unexpected_keys == [] and incompatible.incorrect_shapes == []
     assert not [k for k in incompatible.missing_keys if k.startswith("backbone.bottom_up.net.")]
     with torch.no_grad():

@@ -25,11 +25,23 @@ Every mode shares:
   ``<!-- benchmark.py MODE: begin -->`` and ``<!-- benchmark.py MODE: end -->`` of FILE (and,
   for a mode registered with ``json_path=``, as JSON to ``--json``).
 
-Adding a mode: write one function ``def name(args: argparse.Namespace) -> Report`` that measures
-(with :func:`alternate`, :func:`peak_memory`, :func:`run_worker`) and returns the report's tables,
-and register it with ``@mode("name", width=..., warmup=..., options=[option("--flag", ...)])``
-(``doc=``/``json_path=`` for default outputs, ``worker=`` for a function measuring one model in a
-worker process). Its docstring is the mode's ``--help``.
+Adding a mode: one function that measures with the pieces above and returns a :class:`Report`,
+and its registration (:class:`Mode`'s fields: default size and warm-up, own options, ``doc=`` and
+``json_path=`` for default outputs, ``worker=`` for what ``--worker NAME`` measures in a fresh
+process). Its docstring is the mode's ``--help``, its first line the summary. For example:
+
+    @mode("segmentation", height=512, width=512, warmup=1, options=[models_option(SEGMENTORS)])
+    def segmentation(args: argparse.Namespace) -> Report:
+        '''UperNet segmentors against an R50 reference.
+
+        What it measures, how (shown by ``segmentation --help``).'''
+        calls = {name: inference(SEGMENTORS[name](), image) for name in args.models}
+        times = alternate(calls, args.warmup, args.rounds, label="infer")
+        return Report(settings=f"{args.height}x{args.width}, ...", tables=[Table(columns, rows)])
+
+The detectors mode's pieces for Detectron2 models: :class:`Runner` (inference, a training step on
+synthetic instances, GFLOPs, memory) and :func:`detector_table` (ratios to a reference, latency
+per GFLOP).
 """
 
 import argparse
@@ -82,6 +94,7 @@ RESULTS = os.path.join(REPO_ROOT, "docs", "benchmark_results.json")
 
 
 def progress(text: str) -> None:
+    """A progress line on stderr (the report goes to stdout)."""
     print(text, file=sys.stderr, flush=True)
 
 
@@ -218,6 +231,7 @@ class Report:
 
 
 def machine() -> str:
+    """Host, CPU, core count, torch version and GPU, for the report header."""
     cpu = platform.processor() or platform.machine()
     text = f"{platform.node()}, {cpu}, {os.cpu_count()} CPUs, torch {torch.__version__}"
     if torch.cuda.is_available():
@@ -241,6 +255,7 @@ def render(run: dict, tables: Sequence[Table], remarks: Sequence[str] = ()) -> s
 
 
 def markers(mode_name: str) -> Tuple[str, str]:
+    """The lines between which ``--doc`` gets the mode's report."""
     return f"<!-- benchmark.py {mode_name}: begin -->", f"<!-- benchmark.py {mode_name}: end -->"
 
 
@@ -291,6 +306,7 @@ def option(*flags: str, **kwargs: Any) -> Option:
 
 
 def models_option(models: Sequence[str]) -> Option:
+    """``--models``: a subset of ``models``, all by default."""
     return option("--models", nargs="+", choices=list(models), default=list(models))
 
 

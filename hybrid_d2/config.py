@@ -1,4 +1,5 @@
 """Every config key hybrid_d2 adds to Detectron2's defaults, in one place."""
+
 import difflib
 import os
 import re
@@ -8,15 +9,27 @@ import yaml
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
+from . import backbones  # noqa: F401  (registers the families)
+from .layers.family import FAMILIES, add_family_config
+
 
 def add_hybrid_config(cfg: CN) -> None:
-    """Add the keys of every hybrid_d2 backbone family, the generic FPN wiring and the solver."""
+    """Add the keys of every registered backbone family, the generic FPN wiring and the solver.
+
+    Each family's keys, ``MODEL.<FAMILY>.*``, come from its declaration (``FAMILY`` in
+    ``hybrid_d2/backbones/<family>.py``, see ``hybrid_d2.layers.family.add_family_config``):
+    VARIANT, OUT_FEATURES, DROP_PATH_RATE (None: the variant's own rate), the family's options
+    with their defaults and comments, OUTPUT_NORM and USE_CHECKPOINT. They are:
+
+    * MODEL.MIXFORMER: NORM, POOLED_NORM (hybrid_d2/backbones/mixformer.py)
+    * MODEL.DILATEFORMER: NORM, STAGE3_ATTENTION, WINDOW_SIZE (dilateformer.py)
+    * MODEL.DUALFORMER: NORM, DOWNSAMPLE_RATES, INTRA_MODE, HASH_SEED (dualformer.py)
+    * MODEL.DMF: NORM, POOLED_NORM, KERNEL_TEMPERATURE, GRN, FROZEN_BLOCKS (dmf.py)
+    * MODEL.DMFORMER: NORM, BRANCHES (dmformer.py)
+    """
     _add_fpn_config(cfg)
-    _add_mixformer_config(cfg)
-    _add_dilateformer_config(cfg)
-    _add_dualformer_config(cfg)
-    _add_dmf_config(cfg)
-    _add_dmformer_config(cfg)
+    for family in FAMILIES.values():
+        add_family_config(cfg, family)
     _add_solver_config(cfg)
 
 
@@ -27,119 +40,6 @@ def _add_fpn_config(cfg: CN) -> None:
     # Input of RetinaNet's P6/P7 block: "res5" (C5, the DMF paper and mmdetection "on_input") or
     # "p5" (the FPN output P5).
     cfg.MODEL.FPN.TOP_BLOCK_IN_FEATURE = "res5"
-
-
-def _add_mixformer_config(cfg: CN) -> None:
-    cfg.MODEL.MIXFORMER = CN()
-    cfg.MODEL.MIXFORMER.VARIANT = "b1"  # b0 .. b6 (docs/mixformer.md, "Variants")
-    cfg.MODEL.MIXFORMER.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
-    # Stochastic depth; None: the variant's default, b0 0.0, b1 0.0, b2 0.05, b3 0.1, b4 0.2,
-    # b5 0.3, b6 0.5 (hybrid_d2.backbones.mixformer.VARIANTS).
-    cfg.MODEL.MIXFORMER.DROP_PATH_RATE = None
-    # Norm of the backbone's BatchNorms: "BN", "SyncBN" or "FrozenBN".
-    cfg.MODEL.MIXFORMER.NORM = "BN"
-    # Norm of the channel interaction's BatchNorm, which sees a 1x1 pooled map (docs/mixformer.md):
-    # "FrozenStatsBN" (running statistics always, trainable affine: works with 1 image per device),
-    # "BN" or "SyncBN" (batch statistics as in the official code; needs >= 2 images per norm group).
-    cfg.MODEL.MIXFORMER.POOLED_NORM = "FrozenStatsBN"
-    # A fresh LayerNorm on each output (Swin's detection convention).
-    cfg.MODEL.MIXFORMER.OUTPUT_NORM = True
-    # Recompute each block in the backward pass to save activation memory.
-    cfg.MODEL.MIXFORMER.USE_CHECKPOINT = False
-
-
-def _add_dilateformer_config(cfg: CN) -> None:
-    cfg.MODEL.DILATEFORMER = CN()
-    cfg.MODEL.DILATEFORMER.VARIANT = "small"  # tiny, small, base (paper Table II)
-    cfg.MODEL.DILATEFORMER.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
-    # Stochastic depth; None: the variant's detection default, tiny 0.2, small 0.2, base 0.3
-    # (hybrid_d2.backbones.dilateformer.VARIANTS; ImageNet used 0.1).
-    cfg.MODEL.DILATEFORMER.DROP_PATH_RATE = None
-    # Norm of the stem's and downsamplers' BatchNorms: "FrozenBN" (ImageNet statistics; 2 images
-    # per GPU make batch statistics noisy), "BN" or "SyncBN".
-    cfg.MODEL.DILATEFORMER.NORM = "FrozenBN"
-    # Stage-3 attention (docs/dilateformer.md): "global" (the classification model), "window"
-    # (non-overlapping windows) or "mixed" (window / shifted window / global blocks, the paper's
-    # detection setting; pattern per variant in hybrid_d2.backbones.dilateformer.VARIANTS).
-    cfg.MODEL.DILATEFORMER.STAGE3_ATTENTION = "mixed"
-    # Window side of the stage-3 window and shifted-window blocks: 7 (Swin) or 14.
-    cfg.MODEL.DILATEFORMER.WINDOW_SIZE = 7
-    # A fresh LayerNorm on each output (Swin/NAT detection convention).
-    cfg.MODEL.DILATEFORMER.OUTPUT_NORM = True
-    # Recompute each block in the backward pass to save activation memory.
-    cfg.MODEL.DILATEFORMER.USE_CHECKPOINT = False
-
-
-def _add_dualformer_config(cfg: CN) -> None:
-    cfg.MODEL.DUALFORMER = CN()
-    cfg.MODEL.DUALFORMER.VARIANT = "small"  # tiny, xsmall, small, base (paper Table 1)
-    cfg.MODEL.DUALFORMER.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
-    # Stochastic depth; None: the variant's COCO default, tiny 0.1, xsmall 0.1, small 0.2,
-    # base 0.4 (hybrid_d2.backbones.dualformer.VARIANTS).
-    cfg.MODEL.DUALFORMER.DROP_PATH_RATE = None
-    # Norm of every BatchNorm (stem, downsamplers, MBConv, MHPA reduction): "SyncBN", "BN" or
-    # "FrozenBN". No ImageNet statistics exist, so the configs train them ("SyncBN").
-    cfg.MODEL.DUALFORMER.NORM = "SyncBN"
-    # MHPA resolution reduction k per stage: (4, 2, 1, 1) (default) or (8, 4, 2, 1).
-    cfg.MODEL.DUALFORMER.DOWNSAMPLE_RATES = (4, 2, 1, 1)
-    # Intra-partition attention: "pool" (one softmax-pooled proxy per partition, scattered back)
-    # or "token" (each token's softmax weight within its partition times its value).
-    cfg.MODEL.DUALFORMER.INTRA_MODE = "pool"
-    # Seed of the fixed LSH hyperplanes (buffers, saved in checkpoints); block i uses SEED + i.
-    cfg.MODEL.DUALFORMER.HASH_SEED = 0
-    # A fresh LayerNorm on each output.
-    cfg.MODEL.DUALFORMER.OUTPUT_NORM = True
-    # Recompute each block in the backward pass to save activation memory.
-    cfg.MODEL.DUALFORMER.USE_CHECKPOINT = False
-
-
-def _add_dmf_config(cfg: CN) -> None:
-    cfg.MODEL.DMF = CN()
-    cfg.MODEL.DMF.VARIANT = "s"  # xxs, xs, s (paper Table 1)
-    cfg.MODEL.DMF.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
-    # Stochastic depth; None: the variant's default, 0.1 for xxs, xs and s (the paper's and the
-    # official detection configs' value; hybrid_d2.backbones.dmf.VARIANTS).
-    cfg.MODEL.DMF.DROP_PATH_RATE = None
-    # Norm of the BatchNorms on feature maps: "BN", "SyncBN" (the paper's COCO runs) or "FrozenBN".
-    cfg.MODEL.DMF.NORM = "BN"
-    # Norm of the kernel attentions' BatchNorm, which sees one pooled vector per image
-    # (docs/dmf.md): "FrozenStatsBN" (running statistics, trainable affine: works with 1 image per
-    # device), "FrozenBN", or "BN" / "SyncBN" (batch statistics as in the official code; needs
-    # >= 2 images per norm group in training).
-    cfg.MODEL.DMF.POOLED_NORM = "FrozenStatsBN"
-    # T in the kernel attention's sigmoid(logits / T); 1 in the official detection code.
-    cfg.MODEL.DMF.KERNEL_TEMPERATURE = 1.0
-    # GRN of the IRFFN: "dmf_code" (the official code's, normaliser ~1) or "convnextv2".
-    cfg.MODEL.DMF.GRN = "dmf_code"
-    # Freeze DMF blocks 0 ... FROZEN_BLOCKS - 1 (parameters and eval mode) and nothing else; 4 is
-    # the official detection setting (mmdet frozen_stages=1), which the paper's detection
-    # parameter counts imply. Applies on top of MODEL.BACKBONE.FREEZE_AT.
-    cfg.MODEL.DMF.FROZEN_BLOCKS = 0
-    # A fresh LayerNorm on each output (the official detection backbone has none).
-    cfg.MODEL.DMF.OUTPUT_NORM = False
-    # Recompute each block in the backward pass to save activation memory.
-    cfg.MODEL.DMF.USE_CHECKPOINT = False
-
-
-def _add_dmformer_config(cfg: CN) -> None:
-    cfg.MODEL.DMFORMER = CN()
-    cfg.MODEL.DMFORMER.VARIANT = "s"  # s, l (paper Table 2)
-    cfg.MODEL.DMFORMER.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
-    # Stochastic depth; None: the variant's detection default, s 0.1, l 0.2 (not in the paper;
-    # hybrid_d2.backbones.dmformer.VARIANTS, docs/dmformer.md).
-    cfg.MODEL.DMFORMER.DROP_PATH_RATE = None
-    # Every BatchNorm of the backbone: "SyncBN" (batch statistics over all devices, so that
-    # 1 image per device trains; Detectron2's naiveSyncBN off CUDA), "BN" (per-device
-    # statistics) or "FrozenBN" (fixed statistics, e.g. fine-tuning from ImageNet weights).
-    cfg.MODEL.DMFORMER.NORM = "SyncBN"
-    # The DMA's three dilated depth-wise convs: "separate" (three convs), "fused" (one depth-wise
-    # conv with the summed 19x19 kernel; same function) or "auto": fused for CPU inference,
-    # separate otherwise, the faster form of each as measured (docs/dmformer.md).
-    cfg.MODEL.DMFORMER.BRANCHES = "auto"
-    # A fresh LayerNorm on each output (the blocks end in an un-normalised residual stream).
-    cfg.MODEL.DMFORMER.OUTPUT_NORM = True
-    # Recompute each block in the backward pass to save activation memory.
-    cfg.MODEL.DMFORMER.USE_CHECKPOINT = False
 
 
 def _add_solver_config(cfg: CN) -> None:

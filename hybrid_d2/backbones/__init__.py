@@ -1,5 +1,10 @@
-"""Backbone families; importing this package registers their builders in BACKBONE_REGISTRY and
-their ImageNet classifiers with timm (``hybrid_<family>_<variant>``)."""
+"""Backbone families. Importing this package imports every module in it, and each family module
+registers itself (``register_family``): its builder in BACKBONE_REGISTRY, its config keys and its
+ImageNet classifiers with timm (``hybrid_<family>_<variant>``). A new family is one more module
+here (docs/adding_a_family.md)."""
+
+import importlib
+import pkgutil
 
 from .dilateformer import VARIANTS as DILATEFORMER_VARIANTS
 from .dilateformer import D2DilateFormer, DilateFormer, build_dilateformer_backbone
@@ -17,6 +22,9 @@ from .fpn import build_hybrid_fpn_backbone, build_hybrid_retinanet_backbone
 from .mixformer import VARIANTS as MIXFORMER_VARIANTS
 from .mixformer import D2MixFormer, MixFormer, build_mixformer_backbone
 from .mixformer import MixFormerClassifier
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
     "D2DilateFormer",

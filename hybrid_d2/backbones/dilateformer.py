@@ -36,34 +36,31 @@ Internally the blocks keep a channels-last (B, H, W, C) residual stream; MSDA's 
 writes channels-first maps directly (one GEMM) because its shifted slices are fastest there.
 """
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from detectron2.layers import ShapeSpec
-from detectron2.modeling import BACKBONE_REGISTRY
 from timm.layers import DropPath, Mlp, trunc_normal_
 from torch import nn
 
 from ..layers import (
-    FEATURE_NAMES,
+    BackboneFamily,
+    Option,
+    register_family,
     ClassifierMixin,
     channel_norm,
-    check_in_chans,
-    PyramidBackbone,
     SmallMapSafeConv2d,
     dilated_attention,
     get_norm,
-    norm_for_device,
     pad_to_multiple,
-    register_classifiers,
     window_attention_mask,
     window_partition,
     window_reverse,
 )
 
 __all__ = [
+    "FAMILY",
     "STAGE3_MODES",
     "VARIANTS",
     "D2DilateFormer",
@@ -111,18 +108,9 @@ LN_EPS = 1e-6  # official code; the paper says "Norm"
 IMAGENET_DROP_PATH = 0.1  # official main.py default and dist_train.sh
 
 
-def variant_config(variant: str) -> dict:
-    """The architecture arguments of a DilateFormer variant ("tiny", "small", "base")."""
-    if variant not in VARIANTS:
-        raise ValueError(
-            f"unknown DilateFormer variant {variant!r}; expected one of {sorted(VARIANTS)}"
-        )
-    return dict(VARIANTS[variant])
-
-
 def stage3_pattern(variant: str, mode: str) -> Tuple[str, ...]:
     """Per-block stage-3 attention ("window", "shifted" or "global") for a STAGE3_MODES mode."""
-    config = variant_config(variant)
+    config = FAMILY.variant_config(variant)
     depth = config["depths"][2]
     if mode == "global":
         return (_G,) * depth
@@ -399,6 +387,54 @@ class DilateFormer(nn.Module):
         return outputs
 
 
+def _network_options(variant: str, options: Dict[str, Any]) -> Dict[str, Any]:
+    """The stage-3 mode as the variant's per-block pattern; the window side checked."""
+    pattern = stage3_pattern(variant, options["stage3_attention"])
+    if options["window_size"] < 1:
+        raise ValueError(f"window_size={options['window_size']}: expected a positive window side")
+    return dict(options, stage3_attention=pattern)
+
+
+FAMILY = BackboneFamily(
+    name="dilateformer",
+    title="DilateFormer",
+    backbone_name="D2DilateFormer",
+    network=DilateFormer,
+    variants=VARIANTS,
+    default_variant="small",
+    variant_help="tiny, small, base (paper Table II)",
+    drop_path_help="stochastic depth; None: the variant's detection default, tiny 0.2, small 0.2, "
+    "base 0.3 (VARIANTS; ImageNet used 0.1)",
+    options=(
+        Option(
+            "norm",
+            "FrozenBN",
+            "the stem's and downsamplers' BatchNorms: \"FrozenBN\" (ImageNet statistics; 2 images "
+            'per GPU make batch statistics noisy), "BN" or "SyncBN"',
+            norm=True,
+        ),
+        Option(
+            "stage3_attention",
+            "mixed",
+            'stage-3 attention (docs/dilateformer.md): "global" (the classification model), '
+            '"window" (non-overlapping windows) or "mixed" (window / shifted window / global '
+            "blocks, the paper's detection setting; pattern per variant in VARIANTS)",
+        ),
+        Option(
+            "window_size",
+            7,
+            "window side of the stage-3 (shifted-)window blocks: 7 or 14",
+        ),
+    ),
+    extra_variant_keys=("stage3_mixed",),
+    imagenet_drop_path={variant: IMAGENET_DROP_PATH for variant in VARIANTS},
+    network_options=_network_options,
+    stem_and_stages=lambda net: (net.patch_embed, net.stages),
+)
+
+variant_config = FAMILY.variant_config  # a copy of a variant's table entry, checked
+
+
 class DilateFormerClassifier(ClassifierMixin, DilateFormer):
     """The official ImageNet model: the trunk with all-global stage 3, then the classification
     tail LayerNorm(8C) -> global average pool -> Linear (official ``norm``, ``head``).
@@ -409,105 +445,18 @@ class DilateFormerClassifier(ClassifierMixin, DilateFormer):
 
     TAIL = ("norm", "head")  # the modules the trunk does not have
 
-    def __init__(
-        self,
-        variant: str,
-        num_classes: int = 1000,
-        in_chans: int = 3,
-        drop_rate: float = 0.0,
-        drop_path_rate: float = IMAGENET_DROP_PATH,
-        norm: str = "BN",
-        **kwargs,
-    ):
-        check_in_chans(in_chans, "DilateFormer")
-        config = variant_config(variant)
-        super().__init__(
-            config["embed_dim"],
-            config["depths"],
-            config["num_heads"],
-            drop_path_rate=drop_path_rate,
-            norm=norm,
-            **kwargs,
-        )
+    def _init_tail(self, variant: str, drop_path_rate: float, settings: dict) -> int:
         self.norm = nn.LayerNorm(self.channels[-1], eps=LN_EPS)
-        self._init_head(self.channels[-1], num_classes, drop_rate)
+        return self.channels[-1]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> the normalised last stage, (B, 8C, H/32, W/32)."""
         return channel_norm(self.norm, DilateFormer.forward(self, x)[-1])
 
 
-class D2DilateFormer(PyramidBackbone):
-    """Detectron2 backbone around ``DilateFormer``: named outputs ``res2`` ... ``res5``."""
-
-    def __init__(
-        self,
-        variant: str,
-        out_features: Sequence[str] = FEATURE_NAMES,
-        stage3_attention: str = "mixed",
-        window_size: int = 7,
-        drop_path_rate: Optional[float] = None,
-        norm: str = "FrozenBN",
-        output_norm: bool = True,
-        freeze_at: int = 0,
-        use_checkpoint: bool = False,
-    ):
-        """
-        Args:
-            variant: "tiny", "small" or "base" (paper Table II).
-            out_features: subset of ("res2", "res3", "res4", "res5").
-            stage3_attention: "global", "window" or "mixed" (see the module docstring).
-            window_size: window side of the window / shifted-window blocks, e.g. 7 or 14.
-            drop_path_rate: stochastic depth; None means the variant's detection default.
-            norm: norm of the stem's and downsamplers' BatchNorms ("FrozenBN", "BN", "SyncBN").
-            output_norm: apply a fresh LayerNorm to each output (Swin/NAT convention).
-            freeze_at: 0 freezes nothing, 1 the stem, k >= 2 the stem and stages res2 ... res_k
-                (each with the downsampler that feeds it).
-            use_checkpoint: recompute each block in the backward pass to save memory.
-        """
-        super().__init__()
-        config = variant_config(variant)
-        pattern = stage3_pattern(variant, stage3_attention)
-        if window_size < 1:
-            raise ValueError(f"window_size={window_size}: expected a positive window side")
-        if drop_path_rate is None:
-            drop_path_rate = config["drop_path_rate"]
-        self.depths = tuple(config["depths"])
-        self.net = DilateFormer(
-            config["embed_dim"],
-            self.depths,
-            config["num_heads"],
-            stage3_attention=pattern,
-            window_size=window_size,
-            drop_path_rate=drop_path_rate,
-            norm=norm,
-            use_checkpoint=use_checkpoint,
-        )
-        self._init_outputs(out_features, output_norm, freeze_at)
-
-    def stem_and_stages(self) -> Tuple[nn.Module, Sequence[nn.Module]]:
-        return self.net.patch_embed, self.net.stages
-
-
-@BACKBONE_REGISTRY.register()
-def build_dilateformer_backbone(cfg, input_shape: ShapeSpec) -> D2DilateFormer:
-    """Build a D2DilateFormer from ``cfg.MODEL.DILATEFORMER`` and ``MODEL.BACKBONE.FREEZE_AT``."""
-    if input_shape.channels != 3:
-        raise ValueError(f"DilateFormer expects 3 input channels, got {input_shape.channels}")
-    dil = cfg.MODEL.DILATEFORMER
-    return D2DilateFormer(
-        variant=dil.VARIANT,
-        out_features=dil.OUT_FEATURES,
-        stage3_attention=dil.STAGE3_ATTENTION,
-        window_size=dil.WINDOW_SIZE,
-        drop_path_rate=dil.DROP_PATH_RATE,
-        norm=norm_for_device(dil.NORM, cfg.MODEL.DEVICE),
-        output_norm=dil.OUTPUT_NORM,
-        freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT,
-        use_checkpoint=dil.USE_CHECKPOINT,
-    )
-
-
-register_classifiers(
-    __name__, "dilateformer", DilateFormerClassifier, VARIANTS, first_conv="patch_embed.proj.0"
+D2DilateFormer, build_dilateformer_backbone = register_family(
+    FAMILY,
+    __name__,
+    DilateFormerClassifier,
+    timm_cfg=dict(first_conv="patch_embed.proj.0"),
 )

@@ -34,30 +34,28 @@ the classifier (hybrid_d2.checkpoint.dmf). Decisions (docs/dmf.md has the reason
 as ``hybrid_dmf_<variant>`` (docs/pretraining.md).
 """
 
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
+from detectron2.layers import FrozenBatchNorm2d
 from detectron2.layers.batch_norm import NaiveSyncBatchNorm
-from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.utils import comm
 from timm.layers import DropPath, trunc_normal_
 from torch import nn
 
 from ..layers import (
-    FEATURE_NAMES,
+    BackboneFamily,
+    Option,
+    register_family,
     ClassifierMixin,
     FrozenStatsBatchNorm2d,
-    PyramidBackbone,
-    check_in_chans,
     get_norm,
-    norm_for_device,
-    register_classifiers,
 )
 
 __all__ = [
+    "FAMILY",
     "GRN_MODES",
     "VARIANTS",
     "CLASSIFIER_WIDTHS",
@@ -118,13 +116,6 @@ DROP_PATH_SLOTS = 13
 GRN_MODES = ("dmf_code", "convnextv2")
 # Classifier tail (official dmf_final.py): channel_conv width and head.fc1 width per variant.
 CLASSIFIER_WIDTHS = {"s": (1440, 1920), "xs": (1152, 1920), "xxs": (960, 1600)}
-
-
-def variant_config(variant: str) -> dict:
-    """The architecture arguments of a DMF variant ("xxs", "xs", "s")."""
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown DMF variant {variant!r}; expected one of {sorted(VARIANTS)}")
-    return dict(VARIANTS[variant])
 
 
 def _uses_statistics_of_one_sample(norm: nn.Module, batch: int) -> bool:
@@ -513,6 +504,82 @@ class DynamicMobileFormer(nn.Module):
         return outputs, tokens
 
 
+def _network_options(variant: str, options: Dict[str, Any]) -> Dict[str, Any]:
+    """The network's names for the options (FROZEN_BLOCKS concerns only the freezing)."""
+    options = dict(options, temperature=options.pop("kernel_temperature"))
+    options.pop("frozen_blocks")
+    return options
+
+
+def _frozen_modules(backbone: nn.Module, freeze_at: int) -> List[nn.Module]:
+    """By ``freeze_at``: the stem, lite bottleneck and tokens (>= 1) and the blocks of res2 ...
+    res_k (k >= 2); and the first ``frozen_blocks`` blocks whatever ``freeze_at``. DMF has no
+    stage modules (11 blocks in one list), so freezing works on blocks."""
+    frozen_blocks, net = backbone.options["frozen_blocks"], backbone.net
+    if not 0 <= frozen_blocks <= len(BLOCK_STRIDES):
+        raise ValueError(f"frozen_blocks={frozen_blocks}: expected 0 ... {len(BLOCK_STRIDES)}")
+    num_blocks = frozen_blocks
+    if freeze_at >= 2:
+        num_blocks = max(num_blocks, OUTPUT_BLOCKS[freeze_at - 2] + 1)
+    frozen = list(net.blocks[:num_blocks])
+    if freeze_at >= 1:
+        frozen += [net.stem, net.lite_bottleneck]
+        net.tokens.requires_grad = False
+    return frozen
+
+
+FAMILY = BackboneFamily(
+    name="dmf",
+    title="DMF",
+    backbone_name="D2DynamicMobileFormer",
+    network=DynamicMobileFormer,
+    variants=VARIANTS,
+    default_variant="s",
+    variant_help="xxs, xs, s (paper Table 1)",
+    drop_path_help="stochastic depth; None: the variant's default, 0.1 for xxs, xs and s (the "
+    "paper's and the official detection configs' value; VARIANTS)",
+    options=(
+        Option(
+            "norm",
+            "BN",
+            'the BatchNorms on feature maps: "BN", "SyncBN" (the paper\'s COCO runs) or "FrozenBN"',
+            norm=True,
+        ),
+        Option(
+            "pooled_norm",
+            "FrozenStatsBN",
+            "the kernel attentions' BatchNorm, which sees one pooled vector per image "
+            '(docs/dmf.md): "FrozenStatsBN" (running statistics, trainable affine: works with 1 '
+            'image per device), "FrozenBN", or "BN" / "SyncBN" (batch statistics as in the '
+            "official code; needs >= 2 images per norm group in training)",
+            norm=True,
+        ),
+        Option(
+            "kernel_temperature",
+            1.0,
+            "T in the kernel attention's sigmoid(logits / T); 1 in the official detection code",
+        ),
+        Option(
+            "grn",
+            "dmf_code",
+            'GRN of the IRFFN: "dmf_code" (the official code\'s, normaliser ~1) or "convnextv2"',
+        ),
+        Option(
+            "frozen_blocks",
+            0,
+            "freeze DMF blocks 0 ... frozen_blocks - 1 (parameters and eval mode) and nothing "
+            "else; 4 is the official detection setting (mmdet frozen_stages=1), which the paper's "
+            "detection parameter counts imply. Applies on top of MODEL.BACKBONE.FREEZE_AT",
+        ),
+    ),
+    output_norm=False,  # the official detection backbone has none
+    network_options=_network_options,
+    frozen_modules=_frozen_modules,
+)
+
+variant_config = FAMILY.variant_config  # a copy of a variant's table entry, checked
+
+
 class DMFClassifier(ClassifierMixin, DynamicMobileFormer):
     """The official ImageNet model (paper §3.6; official ``dmf_final.py``): the trunk, then on the
     tokens a last Mobile2Former and Former (``end_mobile2former``, ``end_former``), a dynamic
@@ -530,31 +597,10 @@ class DMFClassifier(ClassifierMixin, DynamicMobileFormer):
     # the modules the trunk does not have
     TAIL = ("end_mobile2former", "end_former", "channel_conv", "bn", "head")
 
-    def __init__(
-        self,
-        variant: str,
-        num_classes: int = 1000,
-        in_chans: int = 3,
-        drop_rate: float = 0.0,
-        drop_path_rate: Optional[float] = None,
-        norm: str = "BN",
-        pooled_norm: str = "BN",
-        temperature: float = 1.0,
-        **kwargs,
-    ):
-        check_in_chans(in_chans, "DMF")
-        config = variant_config(variant)
-        default_drop_path = config.pop("drop_path_rate")
-        if drop_path_rate is None:
-            drop_path_rate = default_drop_path
-        super().__init__(
-            **config,
-            drop_path_rate=drop_path_rate,
-            norm=norm,
-            pooled_norm=pooled_norm,
-            temperature=temperature,
-            **kwargs,
-        )
+    NETWORK_DEFAULTS = {"norm": "BN", "pooled_norm": "BN", "temperature": 1.0}
+
+    def _init_tail(self, variant: str, drop_path_rate: float, settings: dict) -> int:
+        config = FAMILY.architecture(variant)
         width, hidden = CLASSIFIER_WIDTHS[variant]
         channels = config["channels"][-1]
         # drop path slots 11 and 12 (module docstring, DROP_PATH_SLOTS)
@@ -562,16 +608,24 @@ class DMFClassifier(ClassifierMixin, DynamicMobileFormer):
         self.end_mobile2former = Mobile2Former(channels, config["heads"][-1], end_rates[0])
         self.end_former = Former(end_rates[1])
         self.channel_conv = DynamicResidualConv2d(
-            channels, width, 1, 1, pooled_norm, temperature=temperature
+            channels,
+            width,
+            1,
+            1,
+            settings["pooled_norm"],
+            temperature=settings["temperature"],
         )
-        self.bn = get_norm(norm, width)
+        self.bn = get_norm(settings["norm"], width)
         tail = (self.end_mobile2former, self.end_former, self.channel_conv, self.bn)
         for module in tail:
             module.apply(self._init_weights)
         nn.init.kaiming_uniform_(self.channel_conv.static_weight)  # as DynamicResidualConv2d
         self.hidden = hidden
-        self._init_head(width + TOKEN_DIM, num_classes, drop_rate)
-        self.head_hidden_size = hidden
+        return width + TOKEN_DIM
+
+    def _init_head(self, num_features: int, num_classes: int, drop_rate: float) -> None:
+        super()._init_head(num_features, num_classes, drop_rate)
+        self.head_hidden_size = self.hidden
 
     def _new_classifier(self, num_classes: int) -> nn.Module:
         head = nn.Module()
@@ -604,102 +658,10 @@ class DMFClassifier(ClassifierMixin, DynamicMobileFormer):
         return x if pre_logits else self.head.fc2(x)
 
 
-class D2DynamicMobileFormer(PyramidBackbone):
-    """Detectron2 backbone around ``DynamicMobileFormer``: named outputs ``res2`` ... ``res5``.
-
-    DMF has no stage modules (11 blocks in one list), so ``frozen_modules`` works on blocks and
-    ``stem_and_stages`` is not used.
-    """
-
-    def __init__(
-        self,
-        variant: str,
-        out_features: Sequence[str] = FEATURE_NAMES,
-        drop_path_rate: Optional[float] = None,
-        norm: str = "BN",
-        pooled_norm: str = "FrozenStatsBN",
-        kernel_temperature: float = 1.0,
-        grn: str = "dmf_code",
-        output_norm: bool = False,
-        freeze_at: int = 0,
-        frozen_blocks: int = 0,
-        use_checkpoint: bool = False,
-    ):
-        """
-        Args:
-            variant: "xxs", "xs" or "s" (paper Table 1).
-            out_features: subset of ("res2", "res3", "res4", "res5").
-            drop_path_rate: stochastic depth; None means the variant's default (0.1, the paper's
-                and the official detection value).
-            norm: norm of every BatchNorm on feature maps ("BN", "SyncBN", "FrozenBN", ...).
-            pooled_norm: norm of the kernel attentions' BatchNorm on pooled (B, 192) vectors:
-                "FrozenStatsBN", "FrozenBN", or "BN" / "SyncBN" (batch statistics, as the
-                official code; needs >= 2 images per norm group in training).
-            kernel_temperature: T in the kernel attention's sigmoid(logits / T).
-            grn: "dmf_code" or "convnextv2" (module docstring).
-            output_norm: a fresh LayerNorm on each output (the official backbone has none).
-            freeze_at: 0 nothing; 1 the stem, lite bottleneck and tokens; k >= 2 also the DMF
-                blocks of stages res2 ... res_k.
-            frozen_blocks: freeze DMF blocks 0 ... frozen_blocks - 1 only (4: the paper's).
-            use_checkpoint: recompute each block in the backward pass to save memory.
-        """
-        super().__init__()
-        if not 0 <= frozen_blocks <= len(BLOCK_STRIDES):
-            raise ValueError(f"frozen_blocks={frozen_blocks}: expected 0 ... {len(BLOCK_STRIDES)}")
-        self.frozen_blocks = frozen_blocks
-        config = variant_config(variant)
-        default_drop_path = config.pop("drop_path_rate")
-        self.net = DynamicMobileFormer(
-            **config,
-            drop_path_rate=default_drop_path if drop_path_rate is None else drop_path_rate,
-            norm=norm,
-            pooled_norm=pooled_norm,
-            temperature=kernel_temperature,
-            grn=grn,
-            use_checkpoint=use_checkpoint,
-        )
-        self._init_outputs(out_features, output_norm, freeze_at)
-
-    def frozen_modules(self, freeze_at: int) -> List[nn.Module]:
-        """By ``freeze_at``: the stem, lite bottleneck and tokens (>= 1) and the blocks of res2 ...
-        res_k (k >= 2); and the first ``self.frozen_blocks`` blocks whatever ``freeze_at``."""
-        num_blocks = self.frozen_blocks
-        if freeze_at >= 2:
-            num_blocks = max(num_blocks, OUTPUT_BLOCKS[freeze_at - 2] + 1)
-        frozen = list(self.net.blocks[:num_blocks])
-        if freeze_at >= 1:
-            frozen += [self.net.stem, self.net.lite_bottleneck]
-            self.net.tokens.requires_grad = False
-        return frozen
-
-
-@BACKBONE_REGISTRY.register()
-def build_dmf_backbone(cfg, input_shape: ShapeSpec) -> D2DynamicMobileFormer:
-    """Build a D2DynamicMobileFormer from ``cfg.MODEL.DMF`` and ``MODEL.BACKBONE.FREEZE_AT``."""
-    if input_shape.channels != 3:
-        raise ValueError(f"DMF expects 3 input channels, got {input_shape.channels}")
-    dmf = cfg.MODEL.DMF
-    return D2DynamicMobileFormer(
-        variant=dmf.VARIANT,
-        out_features=dmf.OUT_FEATURES,
-        drop_path_rate=dmf.DROP_PATH_RATE,
-        norm=norm_for_device(dmf.NORM, cfg.MODEL.DEVICE),
-        pooled_norm=norm_for_device(dmf.POOLED_NORM, cfg.MODEL.DEVICE),
-        kernel_temperature=dmf.KERNEL_TEMPERATURE,
-        grn=dmf.GRN,
-        output_norm=dmf.OUTPUT_NORM,
-        freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT,
-        frozen_blocks=dmf.FROZEN_BLOCKS,
-        use_checkpoint=dmf.USE_CHECKPOINT,
-    )
-
-
-register_classifiers(
+D2DynamicMobileFormer, build_dmf_backbone = register_family(
+    FAMILY,
     __name__,
-    "dmf",
     DMFClassifier,
-    VARIANTS,
-    first_conv="stem.conv",
-    crop_pct=0.9,  # the official model's default config
-    classifier="head.fc2",
+    # crop_pct: the official model's default config
+    timm_cfg=dict(first_conv="stem.conv", crop_pct=0.9, classifier="head.fc2"),
 )

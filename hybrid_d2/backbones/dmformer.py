@@ -37,26 +37,23 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from detectron2.layers import ShapeSpec
-from detectron2.modeling import BACKBONE_REGISTRY
 from timm.layers import DropPath, trunc_normal_
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..layers import (
-    FEATURE_NAMES,
+    BackboneFamily,
+    Option,
+    register_family,
     ClassifierMixin,
-    PyramidBackbone,
     SmallMapSafeConv2d,
     channel_norm,
-    check_in_chans,
     get_norm,
     inference_affine,
-    norm_for_device,
-    register_classifiers,
 )
 
 __all__ = [
+    "FAMILY",
     "BRANCH_MODES",
     "VARIANTS",
     "D2DMFormer",
@@ -89,13 +86,6 @@ def uses_fused_branches(mode: str, x: torch.Tensor) -> bool:
 
 # ImageNet stochastic depth: ours, as VAN-B1 / B2 (the paper gives none)
 IMAGENET_DROP_PATH = {"s": 0.1, "l": 0.2}
-
-
-def variant_config(variant: str) -> dict:
-    """The depths and detection drop-path rate of a DMFormer variant ("s", "l")."""
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown DMFormer variant {variant!r}; expected one of {sorted(VARIANTS)}")
-    return dict(VARIANTS[variant])
 
 
 class Pointwise(nn.Conv2d):
@@ -416,6 +406,42 @@ class DMFormer(nn.Module):
         return outputs
 
 
+FAMILY = BackboneFamily(
+    name="dmformer",
+    title="DMFormer",
+    backbone_name="D2DMFormer",
+    network=DMFormer,
+    variants=VARIANTS,
+    default_variant="s",
+    variant_help="s, l (paper Table 2)",
+    drop_path_help="stochastic depth; None: the variant's detection default, s 0.1, l 0.2 (not "
+    "in the paper; VARIANTS, docs/dmformer.md)",
+    options=(
+        Option(
+            "norm",
+            "SyncBN",
+            'every BatchNorm: "SyncBN" (batch statistics over all devices, so that 1 image per '
+            'device trains; Detectron2\'s naiveSyncBN off CUDA), "BN" (per-device statistics) '
+            'or "FrozenBN" (fixed statistics, e.g. fine-tuning from ImageNet weights)',
+            norm=True,
+            argument_default="BN",
+        ),
+        Option(
+            "branches",
+            "auto",
+            'the DMA\'s three dilated depth-wise convs: "separate" (three convs), "fused" (one '
+            'depth-wise conv with the summed 19x19 kernel; same function) or "auto": fused for '
+            "CPU inference, separate otherwise, the faster form of each as measured "
+            "(docs/dmformer.md)",
+        ),
+    ),
+    imagenet_drop_path=IMAGENET_DROP_PATH,
+    stem_and_stages=lambda net: (net.stem, net.stages),
+)
+
+variant_config = FAMILY.variant_config  # a copy of a variant's table entry, checked
+
+
 class DMFormerClassifier(ClassifierMixin, DMFormer):
     """ImageNet classifier: the trunk, then LayerNorm(512) -> global average pool -> Linear.
 
@@ -425,90 +451,15 @@ class DMFormerClassifier(ClassifierMixin, DMFormer):
 
     TAIL = ("norm", "head")  # the modules the trunk does not have
 
-    def __init__(
-        self,
-        variant: str,
-        num_classes: int = 1000,
-        in_chans: int = 3,
-        drop_rate: float = 0.0,
-        drop_path_rate: Optional[float] = None,
-        norm: str = "BN",
-        **kwargs,
-    ):
-        check_in_chans(in_chans, "DMFormer")
-        config = variant_config(variant)
-        config.pop("drop_path_rate")  # the detection default
-        if drop_path_rate is None:
-            drop_path_rate = IMAGENET_DROP_PATH[variant]
-        super().__init__(**config, drop_path_rate=drop_path_rate, norm=norm, **kwargs)
+    def _init_tail(self, variant: str, drop_path_rate: float, settings: dict) -> int:
         self.norm = nn.LayerNorm(self.channels[-1], eps=1e-6)
-        self._init_head(self.channels[-1], num_classes, drop_rate)
+        return self.channels[-1]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> the normalised last stage, (B, C4, H/32, W/32)."""
         return channel_norm(self.norm, DMFormer.forward(self, x)[-1])
 
 
-class D2DMFormer(PyramidBackbone):
-    """Detectron2 backbone around ``DMFormer``: named outputs ``res2`` ... ``res5``."""
-
-    def __init__(
-        self,
-        variant: str,
-        out_features: Sequence[str] = FEATURE_NAMES,
-        drop_path_rate: Optional[float] = None,
-        norm: str = "BN",
-        branches: str = "auto",
-        output_norm: bool = True,
-        freeze_at: int = 0,
-        use_checkpoint: bool = False,
-    ):
-        """
-        Args:
-            variant: "s" or "l" (paper Table 2).
-            out_features: subset of ("res2", "res3", "res4", "res5").
-            drop_path_rate: stochastic depth; None means the variant's detection default.
-            norm: every BatchNorm: "BN", "SyncBN" (or "naiveSyncBN" off CUDA), "FrozenBN", ...
-            branches: "auto", "separate" or "fused" dilated depth-wise convs (module docstring).
-            output_norm: apply a fresh LayerNorm to each output.
-            freeze_at: 0 freezes nothing, 1 the stem, k >= 2 the stem and stages res2 ... res_k
-                (each with the downsampler that feeds it).
-            use_checkpoint: recompute each block in the backward pass to save memory.
-        """
-        super().__init__()
-        config = variant_config(variant)
-        if drop_path_rate is None:
-            drop_path_rate = config["drop_path_rate"]
-        self.depths = tuple(config["depths"])
-        self.net = DMFormer(
-            self.depths,
-            drop_path_rate=drop_path_rate,
-            norm=norm,
-            branches=branches,
-            use_checkpoint=use_checkpoint,
-        )
-        self._init_outputs(out_features, output_norm, freeze_at)
-
-    def stem_and_stages(self) -> Tuple[nn.Module, Sequence[nn.Module]]:
-        return self.net.stem, self.net.stages
-
-
-@BACKBONE_REGISTRY.register()
-def build_dmformer_backbone(cfg, input_shape: ShapeSpec) -> D2DMFormer:
-    """Build a D2DMFormer from ``cfg.MODEL.DMFORMER`` and ``cfg.MODEL.BACKBONE.FREEZE_AT``."""
-    if input_shape.channels != 3:
-        raise ValueError(f"DMFormer expects 3 input channels, got {input_shape.channels}")
-    dm = cfg.MODEL.DMFORMER
-    return D2DMFormer(
-        variant=dm.VARIANT,
-        out_features=dm.OUT_FEATURES,
-        drop_path_rate=dm.DROP_PATH_RATE,
-        norm=norm_for_device(dm.NORM, cfg.MODEL.DEVICE),
-        branches=dm.BRANCHES,
-        output_norm=dm.OUTPUT_NORM,
-        freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT,
-        use_checkpoint=dm.USE_CHECKPOINT,
-    )
-
-
-register_classifiers(__name__, "dmformer", DMFormerClassifier, VARIANTS, first_conv="stem.conv1")
+D2DMFormer, build_dmformer_backbone = register_family(
+    FAMILY, __name__, DMFormerClassifier, timm_cfg=dict(first_conv="stem.conv1")
+)

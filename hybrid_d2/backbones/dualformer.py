@@ -64,24 +64,21 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from detectron2.layers import ShapeSpec
-from detectron2.modeling import BACKBONE_REGISTRY
 from timm.layers import DropPath, trunc_normal_
 from torch import nn
 
 from ..layers import (
-    FEATURE_NAMES,
+    BackboneFamily,
+    Option,
+    register_family,
     ClassifierMixin,
-    PyramidBackbone,
     SmallMapSafeConv2d,
     channel_norm,
-    check_in_chans,
     get_norm,
-    norm_for_device,
-    register_classifiers,
 )
 
 __all__ = [
+    "FAMILY",
     "INTRA_MODES",
     "VARIANTS",
     "D2DualFormer",
@@ -125,15 +122,6 @@ _EPS = 1e-6
 
 # ImageNet stochastic depth, ours (docs/dualformer.md)
 IMAGENET_DROP_PATH = {"tiny": 0.0, "xsmall": 0.1, "small": 0.1, "base": 0.3}
-
-
-def variant_config(variant: str) -> dict:
-    """The architecture arguments of a DualFormer variant ("tiny", "xsmall", "small", "base")."""
-    if variant not in VARIANTS:
-        raise ValueError(
-            f"unknown DualFormer variant {variant!r}; expected one of {sorted(VARIANTS)}"
-        )
-    return dict(VARIANTS[variant])
 
 
 def _channels_first(x: torch.Tensor) -> torch.Tensor:
@@ -462,6 +450,54 @@ class DualFormer(nn.Module):
         return outputs
 
 
+FAMILY = BackboneFamily(
+    name="dualformer",
+    title="DualFormer",
+    backbone_name="D2DualFormer",
+    network=DualFormer,
+    variants=VARIANTS,
+    default_variant="small",
+    variant_help="tiny, xsmall, small, base (paper Table 1)",
+    drop_path_help="stochastic depth; None: the variant's COCO default, tiny 0.1, xsmall 0.1, "
+    "small 0.2, base 0.4 (VARIANTS)",
+    options=(
+        Option(
+            "norm",
+            "SyncBN",
+            'every BatchNorm (stem, downsamplers, MBConv, MHPA reduction): "SyncBN", "BN" or '
+            '"FrozenBN"; no ImageNet statistics exist, so the configs train them ("SyncBN")',
+            norm=True,
+            argument_default="BN",
+        ),
+        Option(
+            "downsample_rates",
+            DOWNSAMPLE_RATES,
+            "MHPA resolution reduction k per stage: (4, 2, 1, 1) (default) or (8, 4, 2, 1)",
+        ),
+        Option(
+            "intra_mode",
+            "pool",
+            'intra-partition attention: "pool" (one softmax-pooled proxy per partition, '
+            'scattered back) or "token" (each token\'s softmax weight within its partition '
+            "times its value)",
+        ),
+        Option(
+            "hash_seed",
+            0,
+            "seed of the fixed LSH hyperplanes (buffers, saved in checkpoints); block i uses "
+            "hash_seed + i",
+        ),
+    ),
+    imagenet_drop_path=IMAGENET_DROP_PATH,
+    network_options=lambda variant, options: dict(
+        options, downsample_rates=tuple(options["downsample_rates"])
+    ),
+    stem_and_stages=lambda net: (net.stem, net.stages),
+)
+
+variant_config = FAMILY.variant_config  # a copy of a variant's table entry, checked
+
+
 class DualFormerClassifier(ClassifierMixin, DualFormer):
     """ImageNet classifier: the trunk, then LayerNorm(C4) -> global average pool -> Linear.
 
@@ -472,102 +508,15 @@ class DualFormerClassifier(ClassifierMixin, DualFormer):
 
     TAIL = ("norm", "head")  # the modules the trunk does not have
 
-    def __init__(
-        self,
-        variant: str,
-        num_classes: int = 1000,
-        in_chans: int = 3,
-        drop_rate: float = 0.0,
-        drop_path_rate: Optional[float] = None,
-        norm: str = "BN",
-        **kwargs,
-    ):
-        check_in_chans(in_chans, "DualFormer")
-        config = variant_config(variant)
-        config.pop("drop_path_rate")  # the detection default
-        if drop_path_rate is None:
-            drop_path_rate = IMAGENET_DROP_PATH[variant]
-        super().__init__(**config, drop_path_rate=drop_path_rate, norm=norm, **kwargs)
+    def _init_tail(self, variant: str, drop_path_rate: float, settings: dict) -> int:
         self.norm = nn.LayerNorm(self.channels[-1])
-        self._init_head(self.channels[-1], num_classes, drop_rate)
+        return self.channels[-1]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> the normalised last stage, (B, C4, H/32, W/32)."""
         return channel_norm(self.norm, DualFormer.forward(self, x)[-1])
 
 
-class D2DualFormer(PyramidBackbone):
-    """Detectron2 backbone around ``DualFormer``: named outputs ``res2`` ... ``res5``."""
-
-    def __init__(
-        self,
-        variant: str,
-        out_features: Sequence[str] = FEATURE_NAMES,
-        drop_path_rate: Optional[float] = None,
-        norm: str = "BN",
-        output_norm: bool = True,
-        freeze_at: int = 0,
-        hash_seed: int = 0,
-        intra_mode: str = "pool",
-        downsample_rates: Sequence[int] = DOWNSAMPLE_RATES,
-        use_checkpoint: bool = False,
-    ):
-        """
-        Args:
-            variant: "tiny", "xsmall", "small" or "base" (paper Table 1).
-            out_features: subset of ("res2", "res3", "res4", "res5").
-            drop_path_rate: stochastic depth; None means the variant's detection default.
-            norm: norm of the BatchNorms ("BN", "SyncBN", "FrozenBN", ...).
-            output_norm: apply a fresh LayerNorm to each output.
-            freeze_at: 0 freezes nothing, 1 the stem, k >= 2 the stem and stages res2 ... res_k
-                (each with the downsampler that feeds it).
-            hash_seed: seed of the fixed LSH hyperplanes (block i uses hash_seed + i).
-            intra_mode: "pool" or "token" intra-partition attention.
-            downsample_rates: MHPA resolution reduction per stage: (4, 2, 1, 1), (8, 4, 2, 1), ...
-            use_checkpoint: recompute each block in the backward pass to save memory.
-        """
-        super().__init__()
-        config = variant_config(variant)
-        if drop_path_rate is None:
-            drop_path_rate = config["drop_path_rate"]
-        self.depths = tuple(config["depths"])
-        self.net = DualFormer(
-            self.depths,
-            config["channels"],
-            config["mlp_ratios"],
-            downsample_rates=tuple(downsample_rates),
-            drop_path_rate=drop_path_rate,
-            norm=norm,
-            hash_seed=hash_seed,
-            intra_mode=intra_mode,
-            use_checkpoint=use_checkpoint,
-        )
-        self._init_outputs(out_features, output_norm, freeze_at)
-
-    def stem_and_stages(self) -> Tuple[nn.Module, Sequence[nn.Module]]:
-        return self.net.stem, self.net.stages
-
-
-@BACKBONE_REGISTRY.register()
-def build_dualformer_backbone(cfg, input_shape: ShapeSpec) -> D2DualFormer:
-    """Build a D2DualFormer from ``cfg.MODEL.DUALFORMER`` and ``MODEL.BACKBONE.FREEZE_AT``."""
-    if input_shape.channels != 3:
-        raise ValueError(f"DualFormer expects 3 input channels, got {input_shape.channels}")
-    dual = cfg.MODEL.DUALFORMER
-    return D2DualFormer(
-        variant=dual.VARIANT,
-        out_features=dual.OUT_FEATURES,
-        drop_path_rate=dual.DROP_PATH_RATE,
-        norm=norm_for_device(dual.NORM, cfg.MODEL.DEVICE),
-        output_norm=dual.OUTPUT_NORM,
-        freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT,
-        hash_seed=dual.HASH_SEED,
-        intra_mode=dual.INTRA_MODE,
-        downsample_rates=dual.DOWNSAMPLE_RATES,
-        use_checkpoint=dual.USE_CHECKPOINT,
-    )
-
-
-register_classifiers(
-    __name__, "dualformer", DualFormerClassifier, VARIANTS, first_conv="stem.proj.0"
+D2DualFormer, build_dualformer_backbone = register_family(
+    FAMILY, __name__, DualFormerClassifier, timm_cfg=dict(first_conv="stem.proj.0")
 )

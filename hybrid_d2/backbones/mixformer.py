@@ -34,27 +34,24 @@ from typing import List, Optional, Sequence, Set, Tuple
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from detectron2.layers import ShapeSpec
-from detectron2.modeling import BACKBONE_REGISTRY
 from timm.layers import DropPath, Mlp, trunc_normal_
 from torch import nn
 
 from ..layers import (
-    FEATURE_NAMES,
+    BackboneFamily,
+    Option,
+    register_family,
     ClassifierMixin,
-    check_in_chans,
-    PyramidBackbone,
     SmallMapSafeConv2d,
     get_norm,
-    norm_for_device,
     pad_to_multiple,
-    register_classifiers,
     relative_position_index,
     window_partition,
     window_reverse,
 )
 
 __all__ = [
+    "FAMILY",
     "VARIANTS",
     "D2MixFormer",
     "MixFormer",
@@ -76,15 +73,6 @@ VARIANTS = {
 }
 # paper §3.2: the projection layer "increases the feature's channels to 1280"
 PROJECTION_DIM = 1280
-
-
-def variant_config(variant: str) -> dict:
-    """The architecture arguments of a MixFormer variant ("b0" ... "b6")."""
-    if variant not in VARIANTS:
-        raise ValueError(
-            f"unknown MixFormer variant {variant!r}; expected one of {sorted(VARIANTS)}"
-        )
-    return dict(VARIANTS[variant])
 
 
 def _to_channels_first(x: torch.Tensor) -> torch.Tensor:
@@ -361,6 +349,39 @@ class MixFormer(nn.Module):
         return outputs
 
 
+FAMILY = BackboneFamily(
+    name="mixformer",
+    title="MixFormer",
+    backbone_name="D2MixFormer",
+    network=MixFormer,
+    variants=VARIANTS,
+    default_variant="b1",
+    variant_help='b0 .. b6 (docs/mixformer.md, "Variants")',
+    drop_path_help="stochastic depth; None: the variant's, b0 0.0, b1 0.0, b2 0.05, b3 0.1, "
+    "b4 0.2, b5 0.3, b6 0.5 (VARIANTS)",
+    options=(
+        Option(
+            "norm",
+            "BN",
+            'every BatchNorm but the channel interaction\'s: "BN", "SyncBN" or "FrozenBN"',
+            norm=True,
+        ),
+        Option(
+            "pooled_norm",
+            "FrozenStatsBN",
+            "the channel interaction's BatchNorm, which sees a 1x1 pooled map (docs/mixformer.md): "
+            '"FrozenStatsBN" (running statistics always, trainable affine: works with 1 image per '
+            'device), "BN" or "SyncBN" (batch statistics as in the official code; needs >= 2 '
+            "images per norm group)",
+            norm=True,
+        ),
+    ),
+    stem_and_stages=lambda net: (net.patch_embed, net.layers),
+)
+
+variant_config = FAMILY.variant_config  # a copy of a variant's table entry, checked
+
+
 class MixFormerClassifier(ClassifierMixin, MixFormer):
     """The official ImageNet model (paper Fig. 3): the trunk, then LayerNorm(8C) -> Linear(8C ->
     1280) -> GELU (projection layer) -> global average pool -> Linear (official ``norm``,
@@ -371,31 +392,14 @@ class MixFormerClassifier(ClassifierMixin, MixFormer):
     """
 
     TAIL = ("norm", "last_proj", "head")  # the modules the trunk does not have
+    NETWORK_DEFAULTS = {"norm": "BN", "pooled_norm": "BN"}
 
-    def __init__(
-        self,
-        variant: str,
-        num_classes: int = 1000,
-        in_chans: int = 3,
-        drop_rate: float = 0.0,
-        drop_path_rate: Optional[float] = None,
-        norm: str = "BN",
-        pooled_norm: str = "BN",
-        **kwargs,
-    ):
-        check_in_chans(in_chans, "MixFormer")
-        config = variant_config(variant)
-        imagenet_drop_path = config.pop("drop_path_rate")
-        if drop_path_rate is None:
-            drop_path_rate = imagenet_drop_path
-        super().__init__(
-            **config, drop_path_rate=drop_path_rate, norm=norm, pooled_norm=pooled_norm, **kwargs
-        )
+    def _init_tail(self, variant: str, drop_path_rate: float, settings: dict) -> int:
         self.norm = nn.LayerNorm(self.channels[-1])
         self.last_proj = nn.Linear(self.channels[-1], PROJECTION_DIM)
         self.norm.apply(self._init_weights)
         self.last_proj.apply(self._init_weights)
-        self._init_head(PROJECTION_DIM, num_classes, drop_rate)
+        return PROJECTION_DIM
 
     def no_weight_decay(self) -> Set[str]:
         """Parameter names timm's optimizer factory keeps out of weight decay (official recipe)."""
@@ -407,71 +411,9 @@ class MixFormerClassifier(ClassifierMixin, MixFormer):
         return _to_channels_first(F.gelu(self.last_proj(self.norm(last))))
 
 
-class D2MixFormer(PyramidBackbone):
-    """Detectron2 backbone around ``MixFormer``: named outputs ``res2`` ... ``res5``."""
-
-    def __init__(
-        self,
-        variant: str,
-        out_features: Sequence[str] = FEATURE_NAMES,
-        drop_path_rate: Optional[float] = None,
-        norm: str = "BN",
-        pooled_norm: str = "FrozenStatsBN",
-        output_norm: bool = True,
-        freeze_at: int = 0,
-        use_checkpoint: bool = False,
-    ):
-        """
-        Args:
-            variant: "b0" ... "b6" (docs/mixformer.md, "Variants").
-            out_features: subset of ("res2", "res3", "res4", "res5").
-            drop_path_rate: stochastic depth; None means the variant's ImageNet value.
-            norm: norm of every BatchNorm except the channel interaction's ("BN", "SyncBN",
-                "FrozenBN", ...).
-            pooled_norm: norm of the channel interaction's BatchNorm on the 1x1 pooled map.
-            output_norm: apply a fresh LayerNorm to each output (Swin's detection convention).
-            freeze_at: 0 freezes nothing, 1 the stem, k >= 2 the stem and stages res2 ... res_k
-                (each with the ConvMerging that feeds it).
-            use_checkpoint: recompute each block in the backward pass to save memory.
-        """
-        super().__init__()
-        config = variant_config(variant)
-        if drop_path_rate is None:
-            drop_path_rate = config["drop_path_rate"]
-        self.depths = tuple(config["depths"])
-        self.net = MixFormer(
-            config["embed_dim"],
-            self.depths,
-            config["num_heads"],
-            drop_path_rate=drop_path_rate,
-            norm=norm,
-            pooled_norm=pooled_norm,
-            use_checkpoint=use_checkpoint,
-        )
-        self._init_outputs(out_features, output_norm, freeze_at)
-
-    def stem_and_stages(self) -> Tuple[nn.Module, Sequence[nn.Module]]:
-        return self.net.patch_embed, self.net.layers
-
-
-@BACKBONE_REGISTRY.register()
-def build_mixformer_backbone(cfg, input_shape: ShapeSpec) -> D2MixFormer:
-    """Build a D2MixFormer from ``cfg.MODEL.MIXFORMER`` and ``cfg.MODEL.BACKBONE.FREEZE_AT``."""
-    if input_shape.channels != 3:
-        raise ValueError(f"MixFormer expects 3 input channels, got {input_shape.channels}")
-    mix = cfg.MODEL.MIXFORMER
-    return D2MixFormer(
-        variant=mix.VARIANT,
-        out_features=mix.OUT_FEATURES,
-        drop_path_rate=mix.DROP_PATH_RATE,
-        norm=norm_for_device(mix.NORM, cfg.MODEL.DEVICE),
-        pooled_norm=norm_for_device(mix.POOLED_NORM, cfg.MODEL.DEVICE),
-        output_norm=mix.OUTPUT_NORM,
-        freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT,
-        use_checkpoint=mix.USE_CHECKPOINT,
-    )
-
-
-register_classifiers(
-    __name__, "mixformer", MixFormerClassifier, VARIANTS, first_conv="patch_embed.stem.0"
+D2MixFormer, build_mixformer_backbone = register_family(
+    FAMILY,
+    __name__,
+    MixFormerClassifier,
+    timm_cfg=dict(first_conv="patch_embed.stem.0"),
 )

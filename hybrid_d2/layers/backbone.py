@@ -1,13 +1,16 @@
-"""What every hybrid_d2 Detectron2 backbone wrapper shares: named pyramid outputs, optional output
+"""The one Detectron2 backbone wrapper of every family: named pyramid outputs, optional output
 LayerNorms, stage freezing, the size constraint and the input check (H, W >= 32)."""
 
-from typing import Dict, List, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
 import torch
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.layers.batch_norm import LayerNorm
 from detectron2.modeling import Backbone
 from torch import nn
+
+if TYPE_CHECKING:
+    from .family import BackboneFamily
 
 __all__ = ["FEATURE_NAMES", "MIN_INPUT_SIZE", "PyramidBackbone", "check_input_shape"]
 
@@ -36,13 +39,49 @@ def check_input_shape(x: torch.Tensor) -> None:
 
 
 class PyramidBackbone(Backbone):
-    """Base of the ``D2<Family>`` backbones around a four-stage network ``self.net``.
+    """The Detectron2 backbone of every family: the family's four-stage network ``self.net`` with
+    named outputs ``res2`` ... ``res5``, optional output LayerNorms and stage freezing.
 
     ``self.net(x)`` returns the four stage maps (NCHW, strides 4/8/16/32, channels
     ``self.net.channels``), each read after the stage's last block and before the downsampling
-    that feeds the next stage. A subclass builds ``self.net`` and ``self.depths``, implements
-    ``stem_and_stages`` and then calls ``_init_outputs``.
+    that feeds the next stage. Each family's subclass (``D2MixFormer``, ...) is made by
+    ``register_family`` and sets ``family``, the family's declaration.
     """
+
+    family: "BackboneFamily"
+
+    def __init__(
+        self,
+        variant: str,
+        out_features: Sequence[str] = FEATURE_NAMES,
+        drop_path_rate: Optional[float] = None,
+        output_norm: Optional[bool] = None,
+        freeze_at: int = 0,
+        use_checkpoint: bool = False,
+        **options: Any,
+    ):
+        """
+        Args:
+            variant: a key of ``family.variants``.
+            out_features: subset of ("res2", "res3", "res4", "res5").
+            drop_path_rate: stochastic depth; None means the variant's default.
+            output_norm: a fresh LayerNorm on each output; None means the family's default.
+            freeze_at: 0 freezes nothing, 1 the stem, k >= 2 the stem and stages res2 ... res_k
+                (each with the downsampling that feeds it); see :meth:`frozen_modules`.
+            use_checkpoint: recompute each block in the backward pass to save memory.
+            options: the family's own settings (``family.options``; the class docstring).
+        """
+        super().__init__()
+        family = self.family
+        config = family.variant_config(variant)
+        if drop_path_rate is None:
+            drop_path_rate = config["drop_path_rate"]
+        self.options = family.resolve_options(options)
+        if "depths" in config:
+            self.depths = tuple(config["depths"])
+        self.net = family.build_network(variant, drop_path_rate, use_checkpoint, self.options)
+        output_norm = family.output_norm if output_norm is None else output_norm
+        self._init_outputs(out_features, output_norm, freeze_at)
 
     def _init_outputs(self, out_features: Sequence[str], output_norm: bool, freeze_at: int) -> None:
         """Set the output names/strides/channels, the output norms, and freeze."""
@@ -64,10 +103,6 @@ class PyramidBackbone(Backbone):
             )
         self.freeze(freeze_at)
 
-    def stem_and_stages(self) -> Tuple[nn.Module, Sequence[nn.Module]]:
-        """The stem and the four stages; stage i has ``blocks`` and (i < 3) a ``downsample``."""
-        raise NotImplementedError
-
     @property
     def size_divisibility(self) -> int:
         return 32
@@ -78,8 +113,11 @@ class PyramidBackbone(Backbone):
 
     def frozen_modules(self, freeze_at: int) -> List[nn.Module]:
         """The modules ``freeze_at`` freezes: the stem (freeze_at >= 1) and stages res2 ... res_k
-        (freeze_at = k >= 2), stage res_k with the downsampling that feeds it."""
-        stem, stages = self.stem_and_stages()
+        (freeze_at = k >= 2), stage res_k with the downsampling that feeds it; or what the
+        family's ``frozen_modules`` says."""
+        if self.family.frozen_modules is not None:
+            return self.family.frozen_modules(self, freeze_at)
+        stem, stages = self.family.stem_and_stages(self.net)
         frozen = [stem] if freeze_at >= 1 else []
         for i in range(freeze_at - 1):
             frozen.append(stages[i].blocks)

@@ -9,7 +9,7 @@ key names) and adds the paper's tail; this module gives them ``forward_head``, `
 
 import sys
 from functools import partial
-from typing import Any, Callable, Dict, Iterable, List, Tuple, Type
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Type
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -46,10 +46,52 @@ def channel_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 class ClassifierMixin:
     """timm's classifier interface over ``forward_features`` (an NCHW map): global average pool,
-    dropout (timm's ``--drop``), then ``self.head``. Subclasses call :meth:`_init_head` and name
-    their classification-only modules in ``TAIL``."""
+    dropout (timm's ``--drop``), then ``self.head``.
+
+    A family's classifier subclasses ``(ClassifierMixin, <its network>)``; ``family`` (set by
+    ``register_family``) gives the variant's architecture and drop-path default. Subclasses set
+    ``NETWORK_DEFAULTS`` (the network settings ImageNet training uses), build their
+    classification-only modules in :meth:`_init_tail` and name them in ``TAIL``.
+    """
 
     TAIL: Tuple[str, ...] = ()
+    NETWORK_DEFAULTS: Dict[str, Any] = {"norm": "BN"}  # every BatchNorm with batch statistics
+    family: Any  # the family's BackboneFamily
+
+    def __init__(
+        self,
+        variant: str,
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        drop_rate: float = 0.0,
+        drop_path_rate: Optional[float] = None,
+        **kwargs: Any,
+    ):
+        """
+        Args:
+            variant: a key of the family's variant table.
+            num_classes: classes of the head (0: pooled features).
+            in_chans: must be 3 (timm's scripts pass it).
+            drop_rate: dropout before the head.
+            drop_path_rate: stochastic depth; None means the variant's ImageNet value.
+            kwargs: the network's own settings, over ``NETWORK_DEFAULTS``.
+        """
+        check_in_chans(in_chans, self.family.title)
+        if drop_path_rate is None:
+            drop_path_rate = self.family.default_drop_path(variant, imagenet=True)
+        settings = {**self.NETWORK_DEFAULTS, **kwargs}
+        super().__init__(
+            **self.family.architecture(variant),
+            drop_path_rate=drop_path_rate,
+            **settings,
+        )
+        num_features = self._init_tail(variant, drop_path_rate, settings)
+        self._init_head(num_features, num_classes, drop_rate)
+
+    def _init_tail(self, variant: str, drop_path_rate: float, settings: Dict[str, Any]) -> int:
+        """Build the modules between the network and the pool (``settings``: the network's
+        keyword arguments); return the pooled width."""
+        raise NotImplementedError
 
     def _init_head(self, num_features: int, num_classes: int, drop_rate: float) -> None:
         self.num_features = num_features

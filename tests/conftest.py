@@ -55,7 +55,14 @@ def datasets_root(tmp_path_factory) -> Path:
     return root
 
 
-def run_script(script: str, args, datasets_root: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+# A guard against hangs, not a speed check: the longest script run (160 training iterations) took
+# 100-450 s on 2 busy cores, and 600 s was exceeded once with two suites sharing the cores.
+SCRIPT_TIMEOUT_S = 1800
+
+
+def run_script(
+    script: str, args, datasets_root: Path, timeout: int = SCRIPT_TIMEOUT_S
+) -> subprocess.CompletedProcess:
     """Run one of the repository's scripts in a fresh interpreter with DETECTRON2_DATASETS set."""
     env = dict(os.environ, DETECTRON2_DATASETS=str(datasets_root), PYTHONUNBUFFERED="1")
     return subprocess.run(

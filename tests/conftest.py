@@ -1,5 +1,6 @@
 """Shared fixtures: a private datasets root with the generated shapes data, and a train_net runner."""
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,12 @@ from hybrid_d2.data import ensure_shapes_dataset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHAPES_CONFIG = REPO_ROOT / "configs/shapes/mixformer_b1_mask_rcnn_shapes.yaml"
+
+
+def is_segmentation_config(path) -> bool:
+    """Whether a config file is a semantic segmentation experiment (UperNet or Semantic FPN): those
+    are tested by the test_segmentation_* files, the detector tests skip them."""
+    return re.search(r"_(upernet|semfpn)_", Path(path).stem) is not None
 
 
 def pytest_configure(config):

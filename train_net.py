@@ -242,13 +242,12 @@ class Trainer(DefaultTrainer):
             loader = build_detection_test_loader(cfg, name, mapper=original)
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference_TTA", name)
             evaluator = cls.build_evaluator(cfg, name, output_folder=output_folder)
-            results[name] = inference_on_dataset(tta_model, loader, evaluator)
+            result = inference_on_dataset(tta_model, loader, evaluator)
+            results[name] = OrderedDict((f"{task}_TTA", value) for task, value in result.items())
             if comm.is_main_process():
                 logger.info(f"Multi-scale + flip evaluation results for {name} in csv format:")
                 print_csv_format(results[name])
-        if len(results) == 1:
-            results = list(results.values())[0]
-        return OrderedDict((f"{task}_TTA", value) for task, value in results.items())
+        return list(results.values())[0] if len(results) == 1 else results
 
     @classmethod
     def build_train_loader(cls, cfg, seed: Optional[int] = None):

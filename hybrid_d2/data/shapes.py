@@ -90,6 +90,8 @@ SEM_SEG_CLASSES = ["background"] + SHAPE_CATEGORIES
 SEM_SEG_COLORS = [[120, 120, 120]] + [CATEGORY_COLORS[c] for c in SHAPE_CATEGORIES]
 SEM_SEG_CLUTTER = "cross"  # drawn, left unlabelled
 SEM_SEG_CLUTTER_PER_IMAGE = (0, 2)
+SEM_SEG_OBJECTS_PER_IMAGE = (3, 6)
+SEM_SEG_OBJECT_SIZE_RANGE = (32, 96)
 SEM_SEG_IGNORE_VALUE = 255
 
 KEYPOINT_CATEGORY = "star"
@@ -336,11 +338,15 @@ def _lvis_specs(rng: np.random.Generator, image_index: int) -> List[_ObjectSpec]
 
 
 def _sem_seg_specs(rng: np.random.Generator, image_index: int) -> List[_ObjectSpec]:
-    """The instance shapes, then up to two unlabelled clutter crosses on top."""
-    clutter = rng.integers(SEM_SEG_CLUTTER_PER_IMAGE[0], SEM_SEG_CLUTTER_PER_IMAGE[1] + 1)
-    return _instance_specs(rng, image_index) + [
-        _ObjectSpec(SEM_SEG_CLUTTER, annotated=False) for _ in range(clutter)
+    """3-6 larger shapes (so that a third of the pixels are objects, not background), then up to
+    two unlabelled clutter crosses on top."""
+    count = rng.integers(SEM_SEG_OBJECTS_PER_IMAGE[0], SEM_SEG_OBJECTS_PER_IMAGE[1] + 1)
+    shapes = [
+        _ObjectSpec(str(c), size_range=SEM_SEG_OBJECT_SIZE_RANGE)
+        for c in rng.choice(SHAPE_CATEGORIES, size=count)
     ]
+    clutter = rng.integers(SEM_SEG_CLUTTER_PER_IMAGE[0], SEM_SEG_CLUTTER_PER_IMAGE[1] + 1)
+    return shapes + [_ObjectSpec(SEM_SEG_CLUTTER, annotated=False) for _ in range(clutter)]
 
 
 def _raw_sem_seg_label(rendered: _RenderedImage) -> np.ndarray:

@@ -27,7 +27,9 @@ from hybrid_d2.data.sem_seg import LabelError  # noqa: E402
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
-    default = os.path.join(os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets")), "ADEChallengeData2016")
+    default = os.path.join(
+        os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets")), "ADEChallengeData2016"
+    )
     parser.add_argument("dataset_dir", nargs="?", default=default, help=f"default: {default}")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -37,7 +39,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     for split, count in counts.items():
-        print(f"{split}: {count} labels written to {Path(args.dataset_dir) / 'annotations_detectron2' / split}")
+        print(
+            f"{split}: {count} labels written to {Path(args.dataset_dir) / 'annotations_detectron2' / split}"
+        )
     return 0
 
 

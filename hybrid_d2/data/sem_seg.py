@@ -89,7 +89,9 @@ class RandomRatioResize(T.Augmentation):
         super().__init__()
         low, high = ratio_range
         if not 0 < low <= high:
-            raise ValueError(f"INPUT.RESIZE_RATIO_RANGE: expected 0 < low <= high, got {ratio_range}")
+            raise ValueError(
+                f"INPUT.RESIZE_RATIO_RANGE: expected 0 < low <= high, got {ratio_range}"
+            )
         self._init(locals())
 
     def get_transform(self, image: np.ndarray) -> T.Transform:
@@ -136,7 +138,9 @@ def _pad_to(array: np.ndarray, size: Tuple[int, int], value) -> np.ndarray:
     pad_h, pad_w = max(size[0] - array.shape[0], 0), max(size[1] - array.shape[1], 0)
     if not (pad_h or pad_w):
         return array
-    padded = np.empty((array.shape[0] + pad_h, array.shape[1] + pad_w) + array.shape[2:], array.dtype)
+    padded = np.empty(
+        (array.shape[0] + pad_h, array.shape[1] + pad_w) + array.shape[2:], array.dtype
+    )
     padded[...] = np.asarray(value, dtype=array.dtype)
     padded[: array.shape[0], : array.shape[1]] = array
     return padded

@@ -10,7 +10,11 @@ from detectron2.modeling.backbone.fpn import FPN
 
 from ..backbones.fpn import build_bottom_up
 
-__all__ = ["BottomUpBackbone", "build_hybrid_bottom_up_backbone", "build_hybrid_sem_seg_fpn_backbone"]
+__all__ = [
+    "BottomUpBackbone",
+    "build_hybrid_bottom_up_backbone",
+    "build_hybrid_sem_seg_fpn_backbone",
+]
 
 
 class BottomUpBackbone(Backbone):

@@ -222,7 +222,10 @@ class UperNetHead(nn.Module):
         logits = self.layers(features)
         if not self.training:
             scale = float(self.common_stride)
-            return F.interpolate(logits, scale_factor=scale, mode="bilinear", align_corners=False), {}
+            return (
+                F.interpolate(logits, scale_factor=scale, mode="bilinear", align_corners=False),
+                {},
+            )
         losses = {"loss_sem_seg": self.loss_weight * self._loss(logits, targets)}
         if self.aux_head is not None:
             aux_logits = self.aux_head(features[self.aux_in_feature])
@@ -269,4 +272,3 @@ class SemanticFPNHead(SemSegFPNHead):
     def losses(self, predictions: torch.Tensor, targets: torch.Tensor) -> Dict[str, torch.Tensor]:
         loss = sem_seg_loss(predictions, targets, self.ignore_value, self.avg_non_ignore)
         return {"loss_sem_seg": loss * self.loss_weight}
-

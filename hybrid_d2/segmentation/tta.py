@@ -18,7 +18,9 @@ def tta_sizes(
 ) -> List[Tuple[int, int]]:
     """(H, W) of each ratio's pass: short side ``short * r``, long side at most ``long * r``,
     aspect ratio kept (mmseg ``img_ratios`` of ``img_scale=(long, short)``)."""
-    return [T.ResizeShortestEdge.get_output_shape(height, width, short * r, long * r) for r in ratios]
+    return [
+        T.ResizeShortestEdge.get_output_shape(height, width, short * r, long * r) for r in ratios
+    ]
 
 
 class SemanticSegmentorWithTTA(nn.Module):
@@ -31,7 +33,9 @@ class SemanticSegmentorWithTTA(nn.Module):
 
     def __init__(self, cfg: CfgNode, model: nn.Module):
         super().__init__()
-        self.model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        self.model = (
+            model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        )
         self.short, self.long = cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST
         self.ratios = tuple(cfg.TEST.AUG.RATIOS)
         self.flip = cfg.TEST.AUG.FLIP
@@ -48,7 +52,11 @@ class SemanticSegmentorWithTTA(nn.Module):
             for flipped in (False, True) if self.flip else (False,):
                 pixels = resized[:, ::-1] if flipped else resized
                 tensor = torch.as_tensor(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
-                yield {"image": tensor, "height": mapped["height"], "width": mapped["width"]}, flipped
+                yield {
+                    "image": tensor,
+                    "height": mapped["height"],
+                    "width": mapped["width"],
+                }, flipped
 
     @torch.no_grad()
     def forward(self, batched_inputs: List[Dict]) -> List[Dict[str, torch.Tensor]]:

@@ -6,7 +6,12 @@ from detectron2.solver import build_lr_scheduler as build_d2_lr_scheduler
 
 __all__ = ["LR_SCHEDULERS", "build_lr_scheduler"]
 
-LR_SCHEDULERS = ("WarmupMultiStepLR", "WarmupCosineLR", "WarmupStepWithFixedGammaLR", "WarmupPolyLR")
+LR_SCHEDULERS = (
+    "WarmupMultiStepLR",
+    "WarmupCosineLR",
+    "WarmupStepWithFixedGammaLR",
+    "WarmupPolyLR",
+)
 
 
 def build_lr_scheduler(cfg: CfgNode, optimizer: torch.optim.Optimizer):

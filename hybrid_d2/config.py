@@ -34,7 +34,9 @@ def _add_mixformer_config(cfg: CN) -> None:
     cfg.MODEL.MIXFORMER = CN()
     cfg.MODEL.MIXFORMER.VARIANT = "b1"  # b0 .. b6 (docs/mixformer.md, "Variants")
     cfg.MODEL.MIXFORMER.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
-    cfg.MODEL.MIXFORMER.DROP_PATH_RATE = 0.0
+    # Stochastic depth; None: the variant's default, b0 0.0, b1 0.0, b2 0.05, b3 0.1, b4 0.2,
+    # b5 0.3, b6 0.5 (hybrid_d2.backbones.mixformer.VARIANTS).
+    cfg.MODEL.MIXFORMER.DROP_PATH_RATE = None
     # Norm of the backbone's BatchNorms: "BN", "SyncBN" or "FrozenBN".
     cfg.MODEL.MIXFORMER.NORM = "BN"
     # Norm of the channel interaction's BatchNorm, which sees a 1x1 pooled map (docs/mixformer.md):
@@ -51,8 +53,9 @@ def _add_dilateformer_config(cfg: CN) -> None:
     cfg.MODEL.DILATEFORMER = CN()
     cfg.MODEL.DILATEFORMER.VARIANT = "small"  # tiny, small, base (paper Table II)
     cfg.MODEL.DILATEFORMER.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
-    # Detection default for tiny/small; base uses 0.3 (docs/dilateformer.md; ImageNet used 0.1).
-    cfg.MODEL.DILATEFORMER.DROP_PATH_RATE = 0.2
+    # Stochastic depth; None: the variant's detection default, tiny 0.2, small 0.2, base 0.3
+    # (hybrid_d2.backbones.dilateformer.VARIANTS; ImageNet used 0.1).
+    cfg.MODEL.DILATEFORMER.DROP_PATH_RATE = None
     # Norm of the stem's and downsamplers' BatchNorms: "FrozenBN" (ImageNet statistics; 2 images
     # per GPU make batch statistics noisy), "BN" or "SyncBN".
     cfg.MODEL.DILATEFORMER.NORM = "FrozenBN"
@@ -72,8 +75,9 @@ def _add_dualformer_config(cfg: CN) -> None:
     cfg.MODEL.DUALFORMER = CN()
     cfg.MODEL.DUALFORMER.VARIANT = "small"  # tiny, xsmall, small, base (paper Table 1)
     cfg.MODEL.DUALFORMER.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
-    # COCO defaults: tiny / xsmall 0.1, small 0.2, base 0.4 (docs/dualformer.md).
-    cfg.MODEL.DUALFORMER.DROP_PATH_RATE = 0.2
+    # Stochastic depth; None: the variant's COCO default, tiny 0.1, xsmall 0.1, small 0.2,
+    # base 0.4 (hybrid_d2.backbones.dualformer.VARIANTS).
+    cfg.MODEL.DUALFORMER.DROP_PATH_RATE = None
     # Norm of every BatchNorm (stem, downsamplers, MBConv, MHPA reduction): "SyncBN", "BN" or
     # "FrozenBN". No ImageNet statistics exist, so the configs train them ("SyncBN").
     cfg.MODEL.DUALFORMER.NORM = "SyncBN"
@@ -94,8 +98,9 @@ def _add_dmf_config(cfg: CN) -> None:
     cfg.MODEL.DMF = CN()
     cfg.MODEL.DMF.VARIANT = "s"  # xxs, xs, s (paper Table 1)
     cfg.MODEL.DMF.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
-    # Stochastic depth: 0.1, the paper's and the official detection configs' value.
-    cfg.MODEL.DMF.DROP_PATH_RATE = 0.1
+    # Stochastic depth; None: the variant's default, 0.1 for xxs, xs and s (the paper's and the
+    # official detection configs' value; hybrid_d2.backbones.dmf.VARIANTS).
+    cfg.MODEL.DMF.DROP_PATH_RATE = None
     # Norm of the BatchNorms on feature maps: "BN", "SyncBN" (the paper's COCO runs) or "FrozenBN".
     cfg.MODEL.DMF.NORM = "BN"
     # Norm of the kernel attentions' BatchNorm, which sees one pooled vector per image
@@ -121,8 +126,9 @@ def _add_dmformer_config(cfg: CN) -> None:
     cfg.MODEL.DMFORMER = CN()
     cfg.MODEL.DMFORMER.VARIANT = "s"  # s, l (paper Table 2)
     cfg.MODEL.DMFORMER.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
-    # Not in the paper; our detection default is 0.1 for S and 0.2 for L (docs/dmformer.md).
-    cfg.MODEL.DMFORMER.DROP_PATH_RATE = 0.1
+    # Stochastic depth; None: the variant's detection default, s 0.1, l 0.2 (not in the paper;
+    # hybrid_d2.backbones.dmformer.VARIANTS, docs/dmformer.md).
+    cfg.MODEL.DMFORMER.DROP_PATH_RATE = None
     # Every BatchNorm of the backbone: "SyncBN" (batch statistics over all devices, so that
     # 1 image per device trains; Detectron2's naiveSyncBN off CUDA), "BN" (per-device
     # statistics) or "FrozenBN" (fixed statistics, e.g. fine-tuning from ImageNet weights).

@@ -7,12 +7,35 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
 from torch import nn
 
 from hybrid_d2.data import ensure_shapes_dataset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHAPES_CONFIG = REPO_ROOT / "configs/shapes/mixformer_b1_mask_rcnn_shapes.yaml"
+
+# Property tests draw the same examples on every run and machine (derandomized, no example
+# database), so that one commit gives one result. HYPOTHESIS_PROFILE=explore draws new random
+# examples each run, to search for failures locally.
+settings.register_profile("deterministic", derandomize=True, database=None, print_blob=True)
+settings.register_profile("explore", derandomize=False, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "deterministic"))
+
+
+def _cpu_may_use_amx_bf16() -> bool:
+    """Whether oneDNN may run bfloat16 on AMX here: the CPU has it and ONEDNN_MAX_CPU_ISA does not
+    cap the ISA below it (the upstream bug of tests/test_upstream_bf16.py needs AMX)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            has_amx = "amx_bf16" in cpuinfo.read()
+    except OSError:
+        return False
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "ALL")).upper()
+    return has_amx and (isa == "ALL" or "AMX" in isa)
+
+
+CPU_MAY_USE_AMX_BF16 = _cpu_may_use_amx_bf16()
 
 
 def is_segmentation_config(path) -> bool:

@@ -197,8 +197,9 @@ def test_coco_experiments_share_the_recipe_and_schedules(path):
 def test_mixformer_drop_path_follows_the_variant():
     rates = {"b1": 0.0, "b2": 0.05, "b3": 0.1, "b4": 0.2}
     for path in COCO_EXPERIMENTS:
-        cfg = load_config(path)
-        assert cfg.MODEL.MIXFORMER.DROP_PATH_RATE == rates[cfg.MODEL.MIXFORMER.VARIANT], path.name
+        if path.name.startswith("mixformer_"):
+            cfg = load_config(path)
+            assert cfg.MODEL.MIXFORMER.DROP_PATH_RATE == rates[cfg.MODEL.MIXFORMER.VARIANT], path.name
 
 
 def test_retinanet_base():

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """docs/model_zoo.png: the papers' COCO box AP against detector parameters (the papers' counts)
-and against our measured CPU latency (docs/benchmark_results.json from tools/benchmark.py), one
-marker per model, with ResNet-50 and Swin-T Mask R-CNN for reference.
+and against our measured CPU latency (docs/benchmark_results.json from
+``tools/benchmark.py detectors``), one marker per model, with ResNet-50 and Swin-T Mask R-CNN for
+reference.
 
     python tools/plot_model_zoo.py [--results docs/benchmark_results.json] [--output docs/model_zoo.png]
 """

@@ -52,6 +52,7 @@ from ..layers import (
     channel_norm,
     check_in_chans,
     PyramidBackbone,
+    SmallMapSafeConv2d,
     dilated_attention,
     get_norm,
     norm_for_device,
@@ -169,7 +170,9 @@ class Downsample(nn.Module):
 
     def __init__(self, dim: int, norm: str):
         super().__init__()
-        self.proj = nn.Sequential(nn.Conv2d(dim, 2 * dim, 3, 2, padding=1), get_norm(norm, 2 * dim))
+        self.proj = nn.Sequential(
+            SmallMapSafeConv2d(dim, 2 * dim, 3, 2, padding=1), get_norm(norm, 2 * dim)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) -> (B, ceil(H / 2), ceil(W / 2), 2C)."""

@@ -70,7 +70,8 @@ __all__ = [
 ]
 
 # Paper Table 1: stem width, lite bottleneck (#exp, #out), per-block #exp, #out and cross-attention
-# heads H, point-wise groups G and IRFFN ratio R.
+# heads H, point-wise groups G and IRFFN ratio R; drop_path_rate is the paper's and the official
+# detection configs' stochastic depth (§4.2).
 VARIANTS = {
     "s": dict(
         stem=24,
@@ -80,6 +81,7 @@ VARIANTS = {
         heads=(2, 2, 2, 2, 2, 4, 4, 4, 4, 8, 8),
         groups=4,
         ffn_ratio=2.7,
+        drop_path_rate=0.1,
     ),
     "xs": dict(
         stem=16,
@@ -89,6 +91,7 @@ VARIANTS = {
         heads=(2, 2, 2, 2, 2, 3, 3, 4, 4, 6, 6),
         groups=3,
         ffn_ratio=2.0,
+        drop_path_rate=0.1,
     ),
     "xxs": dict(
         stem=12,
@@ -98,6 +101,7 @@ VARIANTS = {
         heads=(2, 2, 2, 2, 2, 2, 2, 4, 4, 4, 4),
         groups=2,
         ffn_ratio=3.0,
+        drop_path_rate=0.1,
     ),
 }
 
@@ -443,7 +447,7 @@ class DynamicMobileFormer(nn.Module):
         heads: Sequence[int],
         groups: int,
         ffn_ratio: float,
-        drop_path_rate: float = 0.1,
+        drop_path_rate: Optional[float] = None,
         norm: str = "BN",
         pooled_norm: str = "FrozenStatsBN",
         temperature: float = 1.0,
@@ -532,7 +536,7 @@ class DMFClassifier(ClassifierMixin, DynamicMobileFormer):
         num_classes: int = 1000,
         in_chans: int = 3,
         drop_rate: float = 0.0,
-        drop_path_rate: float = 0.1,
+        drop_path_rate: Optional[float] = None,
         norm: str = "BN",
         pooled_norm: str = "BN",
         temperature: float = 1.0,
@@ -540,6 +544,9 @@ class DMFClassifier(ClassifierMixin, DynamicMobileFormer):
     ):
         check_in_chans(in_chans, "DMF")
         config = variant_config(variant)
+        default_drop_path = config.pop("drop_path_rate")
+        if drop_path_rate is None:
+            drop_path_rate = default_drop_path
         super().__init__(
             **config,
             drop_path_rate=drop_path_rate,
@@ -600,7 +607,7 @@ class DMFClassifier(ClassifierMixin, DynamicMobileFormer):
 class D2DynamicMobileFormer(PyramidBackbone):
     """Detectron2 backbone around ``DynamicMobileFormer``: named outputs ``res2`` ... ``res5``.
 
-    DMF has no stage modules (11 blocks in one list), so ``freeze`` works on blocks and
+    DMF has no stage modules (11 blocks in one list), so ``frozen_modules`` works on blocks and
     ``stem_and_stages`` is not used.
     """
 
@@ -608,7 +615,7 @@ class D2DynamicMobileFormer(PyramidBackbone):
         self,
         variant: str,
         out_features: Sequence[str] = FEATURE_NAMES,
-        drop_path_rate: float = 0.1,
+        drop_path_rate: Optional[float] = None,
         norm: str = "BN",
         pooled_norm: str = "FrozenStatsBN",
         kernel_temperature: float = 1.0,
@@ -622,7 +629,8 @@ class D2DynamicMobileFormer(PyramidBackbone):
         Args:
             variant: "xxs", "xs" or "s" (paper Table 1).
             out_features: subset of ("res2", "res3", "res4", "res5").
-            drop_path_rate: stochastic depth; 0.1 is the paper's and the official detection value.
+            drop_path_rate: stochastic depth; None means the variant's default (0.1, the paper's
+                and the official detection value).
             norm: norm of every BatchNorm on feature maps ("BN", "SyncBN", "FrozenBN", ...).
             pooled_norm: norm of the kernel attentions' BatchNorm on pooled (B, 192) vectors:
                 "FrozenStatsBN", "FrozenBN", or "BN" / "SyncBN" (batch statistics, as the
@@ -639,10 +647,11 @@ class D2DynamicMobileFormer(PyramidBackbone):
         if not 0 <= frozen_blocks <= len(BLOCK_STRIDES):
             raise ValueError(f"frozen_blocks={frozen_blocks}: expected 0 ... {len(BLOCK_STRIDES)}")
         self.frozen_blocks = frozen_blocks
-        self._frozen_modules: List[nn.Module] = []
+        config = variant_config(variant)
+        default_drop_path = config.pop("drop_path_rate")
         self.net = DynamicMobileFormer(
-            **variant_config(variant),
-            drop_path_rate=drop_path_rate,
+            **config,
+            drop_path_rate=default_drop_path if drop_path_rate is None else drop_path_rate,
             norm=norm,
             pooled_norm=pooled_norm,
             temperature=kernel_temperature,
@@ -651,15 +660,9 @@ class D2DynamicMobileFormer(PyramidBackbone):
         )
         self._init_outputs(out_features, output_norm, freeze_at)
 
-    def freeze(self, freeze_at: int) -> None:
-        """Freeze by ``freeze_at`` (stem, lite bottleneck and tokens for >= 1; the blocks of
-        res2 ... res_k for k >= 2) and the first ``self.frozen_blocks`` blocks.
-
-        Frozen parameters stop requiring gradients, frozen BatchNorms become FrozenBatchNorm2d,
-        and frozen modules stay in eval mode (no drop path) whatever ``train()`` asks.
-        """
-        if not 0 <= freeze_at <= len(FEATURE_NAMES) + 1:
-            raise ValueError(f"freeze_at={freeze_at}: expected 0 ... {len(FEATURE_NAMES) + 1}")
+    def frozen_modules(self, freeze_at: int) -> List[nn.Module]:
+        """By ``freeze_at``: the stem, lite bottleneck and tokens (>= 1) and the blocks of res2 ...
+        res_k (k >= 2); and the first ``self.frozen_blocks`` blocks whatever ``freeze_at``."""
         num_blocks = self.frozen_blocks
         if freeze_at >= 2:
             num_blocks = max(num_blocks, OUTPUT_BLOCKS[freeze_at - 2] + 1)
@@ -667,18 +670,7 @@ class D2DynamicMobileFormer(PyramidBackbone):
         if freeze_at >= 1:
             frozen += [self.net.stem, self.net.lite_bottleneck]
             self.net.tokens.requires_grad = False
-        for module in frozen:
-            for param in module.parameters():
-                param.requires_grad = False
-            FrozenBatchNorm2d.convert_frozen_batchnorm(module)
-        self._frozen_modules = frozen
-        self.train(self.training)
-
-    def train(self, mode: bool = True) -> "D2DynamicMobileFormer":
-        super().train(mode)
-        for module in self._frozen_modules:
-            module.eval()
-        return self
+        return frozen
 
 
 @BACKBONE_REGISTRY.register()

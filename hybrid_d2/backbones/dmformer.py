@@ -47,6 +47,7 @@ from ..layers import (
     FEATURE_NAMES,
     ClassifierMixin,
     PyramidBackbone,
+    SmallMapSafeConv2d,
     channel_norm,
     check_in_chans,
     get_norm,
@@ -137,7 +138,7 @@ class Downsample(nn.Module):
 
     def __init__(self, in_dim: int, out_dim: int, norm: str):
         super().__init__()
-        self.conv = nn.Conv2d(in_dim, out_dim, 3, stride=2, padding=1)
+        self.conv = SmallMapSafeConv2d(in_dim, out_dim, 3, stride=2, padding=1)
         self.norm = get_norm(norm, out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -44,6 +44,7 @@ from ..layers import (
     ClassifierMixin,
     check_in_chans,
     PyramidBackbone,
+    SmallMapSafeConv2d,
     get_norm,
     norm_for_device,
     pad_to_multiple,
@@ -252,7 +253,7 @@ class ConvMerging(nn.Module):
     def __init__(self, dim: int, norm: str):
         super().__init__()
         self.norm = get_norm(norm, dim)
-        self.reduction = nn.Conv2d(dim, 2 * dim, kernel_size=2, stride=2)
+        self.reduction = SmallMapSafeConv2d(dim, 2 * dim, kernel_size=2, stride=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) -> (B, ceil(H/2), ceil(W/2), 2C); odd sides are zero-padded bottom/right."""

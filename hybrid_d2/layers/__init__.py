@@ -1,6 +1,7 @@
 """Building blocks shared by the hybrid_d2 backbone families."""
 
 from .backbone import FEATURE_NAMES, PyramidBackbone
+from .bf16 import SmallMapSafeConv2d
 from .classifier import (
     ClassifierMixin,
     channel_norm,
@@ -25,6 +26,7 @@ __all__ = [
     "MMCV_FLOP_HANDLES",
     "FrozenStatsBatchNorm2d",
     "PyramidBackbone",
+    "SmallMapSafeConv2d",
     "dilated_attention",
     "flop_count_analysis",
     "flop_totals",

@@ -1,7 +1,7 @@
 """What every hybrid_d2 Detectron2 backbone wrapper shares: named pyramid outputs, optional output
 LayerNorms, stage freezing, the size constraint and the input check (H, W >= 32)."""
 
-from typing import Dict, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 from detectron2.layers import FrozenBatchNorm2d
@@ -76,24 +76,37 @@ class PyramidBackbone(Backbone):
     def padding_constraints(self) -> Dict[str, int]:
         return {"size_divisibility": 32}
 
-    def freeze(self, freeze_at: int) -> None:
-        """Freeze the stem (freeze_at >= 1) and stages res2 ... res_k (freeze_at = k >= 2).
-
-        Stage res_k comprises its blocks and the downsampling that feeds it. Frozen parameters stop
-        requiring gradients and frozen BatchNorms become FrozenBatchNorm2d.
-        """
-        if not 0 <= freeze_at <= len(FEATURE_NAMES) + 1:
-            raise ValueError(f"freeze_at={freeze_at}: expected 0 ... {len(FEATURE_NAMES) + 1}")
+    def frozen_modules(self, freeze_at: int) -> List[nn.Module]:
+        """The modules ``freeze_at`` freezes: the stem (freeze_at >= 1) and stages res2 ... res_k
+        (freeze_at = k >= 2), stage res_k with the downsampling that feeds it."""
         stem, stages = self.stem_and_stages()
         frozen = [stem] if freeze_at >= 1 else []
         for i in range(freeze_at - 1):
             frozen.append(stages[i].blocks)
             if i > 0:
                 frozen.append(stages[i - 1].downsample)
-        for module in frozen:
+        return frozen
+
+    def freeze(self, freeze_at: int) -> None:
+        """Freeze the modules of :meth:`frozen_modules` (mmdetection's ``frozen_stages``).
+
+        Frozen parameters stop requiring gradients, frozen BatchNorms become FrozenBatchNorm2d,
+        and frozen modules stay in eval mode (no drop path, no dropout) whatever ``train()`` asks.
+        """
+        if not 0 <= freeze_at <= len(FEATURE_NAMES) + 1:
+            raise ValueError(f"freeze_at={freeze_at}: expected 0 ... {len(FEATURE_NAMES) + 1}")
+        self._frozen = self.frozen_modules(freeze_at)
+        for module in self._frozen:
             for param in module.parameters():
                 param.requires_grad = False
             FrozenBatchNorm2d.convert_frozen_batchnorm(module)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> "PyramidBackbone":
+        super().train(mode)
+        for module in getattr(self, "_frozen", ()):
+            module.eval()
+        return self
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         """(N, 3, H, W) -> {name: (N, C_i, ceil(H / stride_i), ceil(W / stride_i))}.

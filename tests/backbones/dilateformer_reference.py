@@ -1,6 +1,6 @@
 """The official ``nn.Unfold`` formulation of DilateFormer's MSDA (design note §2.6, §6 #8), kept
 outside the library as the reference for tests/backbones/test_dilateformer.py and for
-tools/benchmark_backbones.py. Written from the design note's description, not copied."""
+tools/benchmark.py backbones. Written from the design note's description, not copied."""
 
 from typing import Sequence
 

@@ -1,6 +1,6 @@
 """The dynamic residual convolution one sample at a time with plain convolutions (paper Eq. 1-2),
 kept outside the library as the reference for tests/backbones/test_dmf.py and for
-tools/benchmark_backbones.py (the usual way to write a per-sample kernel, before batching it into
+tools/benchmark.py backbones (the usual way to write a per-sample kernel, before batching it into
 one grouped convolution)."""
 
 import functools

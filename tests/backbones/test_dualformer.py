@@ -42,13 +42,15 @@ HEAD_DIMS = {
     "small": (32, 32, 40, 32),
     "base": (32, 32, 46, 35),
 }
-# Analytic counts of the design with a 1000-class head (LayerNorm + Linear), k = (4, 2, 1, 1) and
-# k = (8, 4, 2, 1), MACs at 224x224 with k = (4, 2, 1, 1); and the paper's Table 1.
-PARAMS_WITH_HEAD = {"tiny": 5.54e6, "xsmall": 10.55e6, "small": 21.42e6, "base": 72.08e6}
-PARAMS_WITH_HEAD_K8 = {"tiny": 6.01e6, "xsmall": 11.17e6, "small": 22.56e6, "base": 76.44e6}
-MACS_224 = {"tiny": 1.09e9, "xsmall": 1.95e9, "small": 3.58e9, "base": 12.08e9}
+# Our counts with a 1000-class head (LayerNorm + Linear) and PVTv2's per-stage FFN ratios,
+# k = (4, 2, 1, 1) and k = (8, 4, 2, 1), fvcore FLOPs at 224x224 with k = (4, 2, 1, 1) (no head);
+# and the paper's Table 1 (params; T, XS and S within 4%, B within 1%).
+PARAMS_WITH_HEAD = {"tiny": 5.70e6, "xsmall": 10.87e6, "small": 22.06e6, "base": 73.82e6}
+PARAMS_WITH_HEAD_K8 = {"tiny": 6.17e6, "xsmall": 11.49e6, "small": 23.20e6, "base": 78.18e6}
+FLOPS_224 = {"tiny": 1.317e9, "xsmall": 2.385e9, "small": 4.440e9, "base": 14.043e9}
 PAPER_PARAMS = {"tiny": 5.5e6, "xsmall": 10.5e6, "small": 22.6e6, "base": 74.0e6}
 # Paper Table 3 (Mask R-CNN totals) and the same with Detectron2's standard heads (about 20.1M).
+# XS is 5.6% over: the paper's 29M is below its own backbone (10.5M) plus those heads.
 PAPER_MASK_RCNN = {"t": 25e6, "xs": 29e6, "s": 43e6, "b": 95e6}
 VARIANT_OF = {"t": "tiny", "xs": "xsmall", "s": "small", "b": "base"}
 
@@ -100,16 +102,16 @@ def test_hash_codes_are_the_simhash_of_eq_5():
 
 
 def test_partition_bookkeeping_and_importances():
-    """§8 #10-12: codes in [0, K), one-hot rows sum to 1, counts sum to n, importances sum to 1."""
+    """§8 #10-12: codes in [0, K), counts per partition as counted from the codes, importances
+    sum to 1."""
     module = mhpa(dim=64, heads=2)
     tokens = torch.randn(2, 97, 64)
     details = partition_details(module, tokens)
-    codes, one_hot, counts = details["codes"], details["one_hot"], details["counts"]
+    codes, counts = details["codes"], details["counts"]
     assert codes.shape == (2, 2, 97) and codes.min() >= 0 and codes.max() < 4
-    assert torch.equal(one_hot.sum(-1), torch.ones(2, 2, 97))
-    assert torch.equal(one_hot.argmax(-1), codes)
-    assert torch.equal(counts.sum(-1), torch.full((2, 2), 97.0))
-    assert torch.equal(counts, one_hot.sum(2))
+    ones = torch.ones_like(codes, dtype=counts.dtype)
+    tallies = torch.zeros_like(counts).scatter_add_(-1, codes, ones)
+    assert torch.equal(counts, tallies)  # one count per token, in its own partition
     torch.testing.assert_close(details["importance"].sum(-1), torch.ones(2, 2), atol=1e-6, rtol=0)
     assert (details["importance"] > 0).all()  # 97 random tokens leave no partition empty
 
@@ -317,11 +319,11 @@ def test_shapes_head_dims_parameters_and_flops(variant):
         assert outputs[name].shape == (1, c, size, size)
 
     params = count(backbone) + classifier_head_params(channels[-1])
-    assert math.isclose(params, PARAMS_WITH_HEAD[variant], rel_tol=0.02), params
-    assert math.isclose(params, PAPER_PARAMS[variant], rel_tol=0.06), params
+    assert math.isclose(params, PARAMS_WITH_HEAD[variant], rel_tol=0.001), params
+    assert math.isclose(params, PAPER_PARAMS[variant], rel_tol=0.04), params
     analysis = flop_count_analysis(backbone, torch.zeros(1, 3, 224, 224))
     macs = analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).total()
-    assert math.isclose(macs, MACS_224[variant], rel_tol=0.05), macs
+    assert math.isclose(macs, FLOPS_224[variant], rel_tol=0.001), macs
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
@@ -329,7 +331,7 @@ def test_parameters_with_the_alternative_downsample_rates(variant):
     """§8 #6: k = (8, 4, 2, 1)."""
     backbone = D2DualFormer(variant, norm="BN", output_norm=False, downsample_rates=(8, 4, 2, 1))
     params = count(backbone) + classifier_head_params(CHANNELS[variant][-1])
-    assert math.isclose(params, PARAMS_WITH_HEAD_K8[variant], rel_tol=0.02), params
+    assert math.isclose(params, PARAMS_WITH_HEAD_K8[variant], rel_tol=0.001), params
 
 
 def test_odd_input_size():
@@ -343,11 +345,12 @@ def test_odd_input_size():
 
 @pytest.mark.parametrize("variant", sorted(PAPER_MASK_RCNN))
 def test_mask_rcnn_parameter_counts(variant):
-    """Paper Table 3 totals within 5%; detector - backbone = Detectron2's standard heads."""
+    """Paper Table 3 totals within 6% (XS +5.6%, T +1.9%, S -3.0%, B -1.6%); detector - backbone
+    = Detectron2's standard heads."""
     cfg = load_config(REPO_ROOT / f"configs/dualformer_{variant}_mask_rcnn_1x.yaml")
     model = build_model(cfg)
     total, backbone = parameter_count(model)[""], count(model.backbone.bottom_up)
-    assert math.isclose(total, PAPER_MASK_RCNN[variant], rel_tol=0.05), total
+    assert math.isclose(total, PAPER_MASK_RCNN[variant], rel_tol=0.06), total
     output_norms = 2 * sum(CHANNELS[VARIANT_OF[variant]])
     assert abs(total - (backbone - output_norms) - 20.1e6) < 0.3e6
 
@@ -440,7 +443,8 @@ def test_fpn_built_from_config():
     bottom_up = fpn.bottom_up
     assert isinstance(bottom_up, D2DualFormer)
     assert not any(p.requires_grad for p in bottom_up.net.stem.parameters())
-    assert bottom_up.net.stages[3].blocks[-1].drop_path.drop_prob == pytest.approx(0.2)
+    # DROP_PATH_RATE unset: tiny's own 0.1
+    assert bottom_up.net.stages[3].blocks[-1].drop_path.drop_prob == pytest.approx(0.1)
     assert bottom_up.net.stages[0].blocks[0].attn.intra_mode == "token"
     reference = D2DualFormer("tiny", norm="BN", hash_seed=7).state_dict()
     key = "net.stages.2.blocks.1.attn.hyperplanes"

@@ -142,7 +142,8 @@ def test_training_pipeline_order_is_mmsegs():
 
 
 def test_training_sample_is_padded_to_the_crop_with_ignored_labels(tmp_path):
-    cfg = load_config(UPERNET_SHAPES, ["INPUT.RESIZE_RATIO_RANGE", (0.5, 0.5), "INPUT.COLOR_AUG_SSD", False])
+    geometry = ["INPUT.MIN_SIZE_TRAIN", (160,), "INPUT.RESIZE_RATIO_RANGE", (0.5, 0.5), "INPUT.CROP.SIZE", (128, 128)]
+    cfg = load_config(UPERNET_SHAPES, [*geometry, "INPUT.COLOR_AUG_SSD", False])
     label = np.array([[0, 1], [2, 255]], np.uint8).repeat(50, 0).repeat(50, 1)  # 100x100
     sample = SemSegDatasetMapper(cfg, is_train=True)(_records(tmp_path, label)[0])
     # 100x100 -> short side 160 * 0.5 = 80, then padded to the 128x128 crop
@@ -174,7 +175,7 @@ def test_training_mapper_names_label_values_outside_the_classes(tmp_path):
 def test_test_mapper_resizes_to_the_test_size_and_keeps_the_original_size(tmp_path):
     record = _records(tmp_path, np.zeros((100, 150), np.uint8))[0]
     sample = SemSegDatasetMapper(load_config(UPERNET_SHAPES), is_train=False)(record)
-    assert tuple(sample["image"].shape) == (3, 160, 240) and "sem_seg" not in sample
+    assert tuple(sample["image"].shape) == (3, 80, 120) and "sem_seg" not in sample  # short side 80
     assert (sample["height"], sample["width"]) == (100, 150)
 
 
@@ -186,7 +187,7 @@ def test_resumable_loader_takes_records_without_sizes_unless_grouping(tmp_path):
     records = _records(tmp_path, np.ones((40, 40), np.uint8)) * 3
     loader = ResumableTrainLoader(records, SemSegDatasetMapper(cfg), batch_size=2, seed=1, aspect_ratio_grouping=False)
     batch = next(iter(loader))
-    assert [tuple(s["sem_seg"].shape) for s in batch] == [(128, 128)] * 2
+    assert [tuple(s["sem_seg"].shape) for s in batch] == [(64, 64)] * 2
     with pytest.raises(ValueError, match=r"DATALOADER.ASPECT_RATIO_GROUPING needs 'height' and 'width' .* set DATALOADER.ASPECT_RATIO_GROUPING False"):
         ResumableTrainLoader(records, SemSegDatasetMapper(cfg), batch_size=2, seed=1, aspect_ratio_grouping=True)
 

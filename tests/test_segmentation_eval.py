@@ -81,7 +81,7 @@ def test_tta_runs_every_scale_and_flip_from_the_original_and_averages_probabilit
     model = _PositionLogits()
     image = torch.zeros((3, 100, 150), dtype=torch.uint8)
     (output,) = SemanticSegmentorWithTTA(cfg, model)([{"image": image, "height": 100, "width": 150}])
-    sizes = [(120, 180), (160, 240), (200, 300)]  # ratios of (160, 640) from the original 100x150
+    sizes = [(60, 90), (80, 120), (100, 150)]  # ratios of (80, 320) from the original 100x150
     assert model.calls == [(size, 100, 150) for size in sizes for _ in range(2)]
     probabilities = model([{"image": image, "height": 100, "width": 150}])[0]["sem_seg"].softmax(0)
     # softmax probabilities (not logits) averaged, the flipped passes' flipped back

@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 import weakref
+from collections import OrderedDict
 from typing import Dict, List, Optional
 
 import torch
@@ -28,7 +29,7 @@ from detectron2.engine import (
     default_setup,
     hooks,
 )
-from detectron2.evaluation import verify_results
+from detectron2.evaluation import inference_on_dataset, print_csv_format, verify_results
 from detectron2.utils import comm
 from detectron2.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
 from detectron2.utils.file_io import PathManager
@@ -42,7 +43,7 @@ from hybrid_d2.checkpoint import (
     StepSeeder,
     restore_running_states,
 )
-from hybrid_d2.data import DatasetMapper, check_dataset_files
+from hybrid_d2.data import DatasetMapper, SemSegDatasetMapper, check_dataset_files
 from hybrid_d2.data.resumable import (
     SEEKABLE_SAMPLERS,
     build_resumable_train_loader,
@@ -58,7 +59,8 @@ from hybrid_d2.engine import (
     share_cpu_cores,
 )
 from hybrid_d2.evaluation import build_evaluator
-from hybrid_d2.solver import build_optimizer
+from hybrid_d2.segmentation import SemanticSegmentorWithTTA
+from hybrid_d2.solver import build_lr_scheduler, build_optimizer
 
 logger = logging.getLogger("detectron2")
 
@@ -184,6 +186,8 @@ class Trainer(DefaultTrainer):
             )
         ret = [StepSeeder(), hooks.IterationTimer(), hooks.LRScheduler(), precise_bn]
         ret.append(hooks.EvalHook(cfg.TEST.EVAL_PERIOD, self._test_and_save_results))
+        if _uses_sem_seg_tta(cfg):  # multi-scale + flip once, after training
+            ret.append(hooks.EvalHook(0, self._test_with_tta))
         ret.append(RunningStateGatherer(cfg.SOLVER.CHECKPOINT_PERIOD, self.max_iter))
         if comm.is_main_process():
             ret.append(hooks.PeriodicWriter(self.build_writers(), period=cfg.SOLVER.WRITER_PERIOD))
@@ -196,6 +200,11 @@ class Trainer(DefaultTrainer):
             return {}
         self._last_eval_results = self.test(self.cfg, self.model)
         return self._last_eval_results
+
+    def _test_with_tta(self):
+        if self._failed_iter is not None:
+            return {}
+        return self.test_with_TTA(self.cfg, self.model)
 
     def build_writers(self):
         """Detectron2's default writers; metrics.json smooths over ``SOLVER.WRITER_PERIOD``."""
@@ -219,10 +228,32 @@ class Trainer(DefaultTrainer):
         return build_optimizer(cfg, model)
 
     @classmethod
+    def build_lr_scheduler(cls, cfg, optimizer):
+        return build_lr_scheduler(cfg, optimizer)
+
+    @classmethod
+    def test_with_TTA(cls, cfg, model) -> OrderedDict:
+        """Multi-scale + flip test of a semantic segmentation model (``TEST.AUG``), each scale
+        resized from the original image; results keyed ``<task>_TTA`` (e.g. ``sem_seg_TTA``)."""
+        tta_model = SemanticSegmentorWithTTA(cfg, model)
+        original = SemSegDatasetMapper(cfg, is_train=False, augmentations=[])
+        results = OrderedDict()
+        for name in cfg.DATASETS.TEST:
+            loader = build_detection_test_loader(cfg, name, mapper=original)
+            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference_TTA", name)
+            evaluator = cls.build_evaluator(cfg, name, output_folder=output_folder)
+            result = inference_on_dataset(tta_model, loader, evaluator)
+            results[name] = OrderedDict((f"{task}_TTA", value) for task, value in result.items())
+            if comm.is_main_process():
+                logger.info(f"Multi-scale + flip evaluation results for {name} in csv format:")
+                print_csv_format(results[name])
+        return list(results.values())[0] if len(results) == 1 else results
+
+    @classmethod
     def build_train_loader(cls, cfg, seed: Optional[int] = None):
         """A seekable :class:`ResumableTrainLoader` (at iteration 0 of ``seed``'s stream; default
         ``training_seed(cfg)``); Detectron2's loader for samplers it does not cover."""
-        mapper = DatasetMapper(cfg, is_train=True)
+        mapper = _mapper(cfg, is_train=True)
         if cfg.DATALOADER.SAMPLER_TRAIN not in SEEKABLE_SAMPLERS:
             logger.warning(
                 f"DATALOADER.SAMPLER_TRAIN={cfg.DATALOADER.SAMPLER_TRAIN!r} is not seekable (only "
@@ -235,9 +266,18 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
-        return build_detection_test_loader(
-            cfg, dataset_name, mapper=DatasetMapper(cfg, is_train=False)
-        )
+        return build_detection_test_loader(cfg, dataset_name, mapper=_mapper(cfg, is_train=False))
+
+
+def _mapper(cfg: CfgNode, is_train: bool):
+    """The semantic segmentation mapper for SemanticSegmentor, Detectron2's mapper otherwise."""
+    if cfg.MODEL.META_ARCHITECTURE == "SemanticSegmentor":
+        return SemSegDatasetMapper(cfg, is_train=is_train)
+    return DatasetMapper(cfg, is_train=is_train)
+
+
+def _uses_sem_seg_tta(cfg: CfgNode) -> bool:
+    return cfg.TEST.AUG.ENABLED and cfg.MODEL.META_ARCHITECTURE == "SemanticSegmentor"
 
 
 def _drop_partial_last_line(path: str) -> None:
@@ -286,6 +326,8 @@ def main(args):
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         results = Trainer.test(cfg, model)
+        if _uses_sem_seg_tta(cfg):
+            results.update(Trainer.test_with_TTA(cfg, model))
         if comm.is_main_process():
             verify_results(cfg, results)
         return results

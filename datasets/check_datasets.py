@@ -2,7 +2,7 @@
 """
 Report which files of the datasets used by hybrid_d2 exist under $DETECTRON2_DATASETS.
 
-    python datasets/check_datasets.py                      # COCO 2017, COCO keypoints, LVIS v1
+    python datasets/check_datasets.py                      # COCO 2017, COCO keypoints, LVIS v1, ADE20K
     python datasets/check_datasets.py --shapes             # also generate / validate shapes_*
     python datasets/check_datasets.py coco_2017_val shapes_val
 
@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a sourc
 
 from hybrid_d2.data import (  # noqa: E402
     SHAPES_DATASET_NAMES,
+    SHAPES_SEM_SEG_DATASET_NAMES,
     IncompleteDatasetError,
     missing_dataset_files,
 )
@@ -30,6 +31,8 @@ REAL_DATASET_NAMES = [
     "keypoints_coco_2017_val",
     "lvis_v1_train",
     "lvis_v1_val",
+    "ade20k_sem_seg_train",  # annotations_detectron2/ by datasets/prepare_ade20k_sem_seg.py
+    "ade20k_sem_seg_val",
 ]
 
 
@@ -52,12 +55,13 @@ def check(dataset_name: str) -> bool:
 
 def main(argv: List[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("names", nargs="*", help="dataset names (default: COCO, keypoints, LVIS)")
+    parser.add_argument("names", nargs="*", help="dataset names (default: COCO, keypoints, LVIS, ADE20K)")
     parser.add_argument("--shapes", action="store_true", help="also generate/check shapes_*")
     args = parser.parse_args(argv)
     names = args.names or list(REAL_DATASET_NAMES)
     if args.shapes:
-        names += [name for name in SHAPES_DATASET_NAMES if name not in names]
+        shapes = SHAPES_DATASET_NAMES + SHAPES_SEM_SEG_DATASET_NAMES
+        names += [name for name in shapes if name not in names]
     root = os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets"))
     print(f"Datasets root: {os.path.abspath(root)} (see datasets/README.md)")
     results = [check(name) for name in names]  # check all, even after a failure

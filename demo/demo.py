@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Draw a model's predictions on images, a video file or a webcam.
+"""Draw a model's predictions on images, a video file or a webcam: a detector's instances, or a
+semantic segmentation model's label map (single-scale, in the classes' colours).
 
     python demo/demo.py --config-file CFG --input a.jpg b.png 'dir/*.jpg' --output out/ \\
         --opts MODEL.WEIGHTS model_final.pth
@@ -49,7 +50,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         "video: the output video (codec mp4v; <video name>.mp4 if a folder)\n"
         "without it: show a window",
     )
-    parser.add_argument("--confidence-threshold", type=float, default=0.5, help="minimum score drawn")
+    parser.add_argument(
+        "--confidence-threshold", type=float, default=0.5, help="minimum score drawn (detectors)"
+    )
     parser.add_argument("--max-frames", type=int, help="stop a video after this many frames")
     parser.add_argument(
         "--opts", nargs=argparse.REMAINDER, default=[], help="config overrides: KEY VALUE ..."
@@ -146,9 +149,9 @@ def process_image(predictor: VisualizationPredictor, path: str, output: Optional
     """Predict on one image, write or show the drawing, print a summary; False to stop."""
     if output is not None and os.path.abspath(output) == os.path.abspath(path):
         raise InputError(f"{path}: the output would overwrite the input; choose another --output")
-    instances, drawing, seconds = predictor(read_image(path), path)
-    detections = f"{len(instances)} detection{'' if len(instances) == 1 else 's'}"
-    print(f"{path}: {detections} in {seconds:.2f}s" + (f" -> {output}" if output else ""))
+    prediction, drawing, seconds = predictor(read_image(path), path)
+    summary = predictor.describe(prediction)
+    print(f"{path}: {summary} in {seconds:.2f}s" + (f" -> {output}" if output else ""))
     if output is None:
         return show(drawing, 0)
     write_image(output, drawing)

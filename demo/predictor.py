@@ -4,13 +4,15 @@ import os
 import re
 import sys
 import time
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import cv2
 import numpy as np
+import torch
 from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog
 from detectron2.data import transforms as T
+from detectron2.data.catalog import Metadata
 from detectron2.structures import Instances
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
@@ -83,32 +85,70 @@ def display_problem(build_information: Optional[str] = None) -> Optional[str]:
     return None
 
 
+# A detector's instances, or a semantic segmentor's label map (H, W) at the input's size.
+Prediction = Union[Instances, torch.Tensor]
+
+
+def sem_seg_metadata(metadata: Metadata, num_classes: int) -> Metadata:
+    """``metadata``'s class names and colours for drawing label maps of ``num_classes`` classes:
+    names ``class <i>`` where it has none, and where it has no colours (Detectron2's ADE20K has
+    none, and the Visualizer would then draw every region in a new random colour, which flickers
+    in a video) one fixed colour per class."""
+    names = list(getattr(metadata, "stuff_classes", None) or [])
+    names += [f"class {i}" for i in range(len(names), num_classes)]
+    colors = list(getattr(metadata, "stuff_colors", None) or [])
+    if len(colors) < len(names):
+        palette = np.random.default_rng(0).integers(0, 256, (len(names), 3))
+        colors += [list(map(int, c)) for c in palette[len(colors) :]]
+    return Metadata(name=metadata.name, stuff_classes=names, stuff_colors=colors)
+
+
 class VisualizationPredictor:
     """A predictor whose predictions come back drawn on the input with the Visualizer, in the
-    class colours of the metadata of cfg.DATASETS.TEST[0]. The weights load as in train_net.py
-    (SafePredictor): a checkpoint that does not fit the config is refused."""
+    class colours of the metadata of cfg.DATASETS.TEST[0]: a detector's instances, or a
+    semantic segmentor's label map (``Visualizer.draw_sem_seg``, single-scale). The weights load
+    as in train_net.py (SafePredictor): a checkpoint that does not fit the config is refused."""
 
     def __init__(self, cfg: CfgNode):
         self.predictor = SafePredictor(cfg)
         self.metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
         self.min_size, self.max_size = cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST
+        self.semantic = cfg.MODEL.META_ARCHITECTURE == "SemanticSegmentor"
+        if self.semantic:
+            self.metadata = sem_seg_metadata(self.metadata, cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES)
 
     def __call__(
         self, image_bgr: np.ndarray, name: str, jitter_colors: bool = True
-    ) -> Tuple[Instances, np.ndarray, float]:
-        """Predict on a 3-channel 8-bit BGR image; return the instances (on the CPU), the drawing
-        (BGR, the input's size) and the prediction time in seconds.
+    ) -> Tuple[Prediction, np.ndarray, float]:
+        """Predict on a 3-channel 8-bit BGR image; return the prediction (on the CPU: instances,
+        or the label map of a semantic segmentor), the drawing (BGR, the input's size) and the
+        prediction time in seconds.
 
         jitter_colors: vary the colour of instances of one class (images); off for stable colours
-        from frame to frame (videos).
+        from frame to frame (videos). Label maps always take the classes' colours.
         """
         self._check_resized_size(image_bgr.shape[:2], name)
         start = time.perf_counter()
-        instances = self.predictor(image_bgr)["instances"].to("cpu")
+        outputs = self.predictor(image_bgr)
         seconds = time.perf_counter() - start
         visualizer = Visualizer(image_bgr[:, :, ::-1], self.metadata, instance_mode=ColorMode.SEGMENTATION)
-        drawing = visualizer.draw_instance_predictions(instances, jittering=jitter_colors).get_image()
-        return instances, np.ascontiguousarray(drawing[:, :, ::-1]), seconds
+        if self.semantic:
+            prediction = outputs["sem_seg"].argmax(dim=0).to("cpu")
+            drawing = visualizer.draw_sem_seg(prediction).get_image()
+        else:
+            prediction = outputs["instances"].to("cpu")
+            drawing = visualizer.draw_instance_predictions(prediction, jittering=jitter_colors).get_image()
+        return prediction, np.ascontiguousarray(drawing[:, :, ::-1]), seconds
+
+    def describe(self, prediction: Prediction) -> str:
+        """One line about a prediction: the number of detections, or the classes of a label map
+        by their share of the pixels."""
+        if isinstance(prediction, Instances):
+            return f"{len(prediction)} detection{'' if len(prediction) == 1 else 's'}"
+        labels, counts = torch.unique(prediction, return_counts=True)
+        shares = sorted(zip(counts.tolist(), labels.tolist()), reverse=True)
+        names = self.metadata.stuff_classes
+        return "segmentation: " + ", ".join(f"{names[c]} {100 * n / prediction.numel():.0f}%" for n, c in shares)
 
     def _check_resized_size(self, size: Tuple[int, int], name: str) -> None:
         """The predictor resizes the short side to INPUT.MIN_SIZE_TEST, unless the long side would

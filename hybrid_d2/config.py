@@ -31,6 +31,7 @@ def add_hybrid_config(cfg: CN) -> None:
     for family in FAMILIES.values():
         add_family_config(cfg, family)
     _add_solver_config(cfg)
+    _add_segmentation_config(cfg)
 
 
 def _add_fpn_config(cfg: CN) -> None:
@@ -58,6 +59,41 @@ def _add_solver_config(cfg: CN) -> None:
     # Write metrics (console, metrics.json, tensorboard) every this many iterations; also the
     # median window of the scalars in metrics.json (1: every iteration's raw losses).
     cfg.SOLVER.WRITER_PERIOD = 20
+
+
+def _add_segmentation_config(cfg: CN) -> None:
+    """Semantic segmentation (docs/segmentation.md): mmsegmentation's UperNet / Semantic FPN heads,
+    its ADE20K training pipeline, poly lr and multi-scale test. Detectron2's own SEM_SEG_HEAD keys
+    (NAME, IN_FEATURES, NUM_CLASSES, IGNORE_VALUE, CONVS_DIM, COMMON_STRIDE, NORM, LOSS_WEIGHT)
+    keep their meaning."""
+    head = cfg.MODEL.SEM_SEG_HEAD
+    # Dropout2d before the classifier (mmseg decode heads: 0.1).
+    head.DROPOUT = 0.1
+    # Cross entropy averaged over the labelled pixels only (True, Detectron2) or over every pixel,
+    # ignored ones counting 0 (False, mmseg's CrossEntropyLoss default, which the papers used).
+    head.LOSS_AVG_NON_IGNORE = False
+    # UperNetHead: channels of every conv, pyramid pooling scales on the coarsest feature.
+    head.UPERNET = CN({"CHANNELS": 512, "POOL_SCALES": (1, 2, 3, 6)})
+    # UperNetHead's auxiliary FCN head (training only; Base-UperNet-160k.yaml enables it): NUM_CONVS
+    # 3x3 convs of CHANNELS on IN_FEATURE, its loss weighted LOSS_WEIGHT (mmseg's upernet configs).
+    head.AUX = CN(
+        {"ENABLED": False, "IN_FEATURE": "res4", "CHANNELS": 256, "NUM_CONVS": 1, "LOSS_WEIGHT": 0.4}
+    )
+    # Training resize (mmseg Resize(ratio_range)): the scale (MIN_SIZE_TRAIN[0], MAX_SIZE_TRAIN)
+    # times a ratio drawn uniformly from this range, keeping the aspect ratio.
+    cfg.INPUT.RESIZE_RATIO_RANGE = (0.5, 2.0)
+    # Retry the random crop (up to 10 times) until no category covers more than this fraction of
+    # it (mmseg RandomCrop(cat_max_ratio)); 1.0 turns the constraint off.
+    cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA = 1.0
+    # SSD photometric distortion (mmseg PhotoMetricDistortion) after the flip.
+    cfg.INPUT.COLOR_AUG_SSD = False
+    # WarmupPolyLR (SOLVER.LR_SCHEDULER_NAME): lr * (1 - iter / MAX_ITER) ** POLY_LR_POWER, never
+    # below BASE_LR * POLY_LR_CONSTANT_ENDING; power 1.0 is the papers' "linear" schedule.
+    cfg.SOLVER.POLY_LR_POWER = 0.9
+    cfg.SOLVER.POLY_LR_CONSTANT_ENDING = 0.0
+    # Multi-scale test (TEST.AUG.ENABLED): each image resized from the original to these ratios of
+    # (INPUT.MIN_SIZE_TEST, INPUT.MAX_SIZE_TEST), flipped too if TEST.AUG.FLIP.
+    cfg.TEST.AUG.RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 
 
 def get_config(config_file: str, opts: Sequence[str] = ()) -> CN:

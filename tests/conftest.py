@@ -1,5 +1,6 @@
 """Shared fixtures: a private datasets root with the generated shapes data, and a train_net runner."""
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +36,12 @@ def _cpu_may_use_amx_bf16() -> bool:
 
 
 CPU_MAY_USE_AMX_BF16 = _cpu_may_use_amx_bf16()
+
+
+def is_segmentation_config(path) -> bool:
+    """Whether a config file is a semantic segmentation experiment (UperNet or Semantic FPN): those
+    are tested by the test_segmentation_* files, the detector tests skip them."""
+    return re.search(r"_(upernet|semfpn)_", Path(path).stem) is not None
 
 
 def pytest_configure(config):
@@ -82,12 +89,12 @@ def randomize_batchnorms(module: nn.Module) -> None:
 
 
 def register_shapes_under(root) -> None:
-    """(Re-)register the six shapes dataset names of this process under a datasets root."""
+    """(Re-)register the eight shapes dataset names of this process under a datasets root."""
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
-    from hybrid_d2.data import SHAPES_DATASET_NAMES, register_shapes_datasets
+    from hybrid_d2.data import SHAPES_DATASET_NAMES, SHAPES_SEM_SEG_DATASET_NAMES, register_shapes_datasets
 
-    for name in SHAPES_DATASET_NAMES:
+    for name in SHAPES_DATASET_NAMES + SHAPES_SEM_SEG_DATASET_NAMES:
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
     register_shapes_datasets(None if root is None else str(root))
@@ -137,3 +144,13 @@ def load_config(path, opts=()):
     from hybrid_d2 import get_config
 
     return get_config(str(path), ["MODEL.DEVICE", "cpu", *opts])
+
+
+@pytest.fixture(scope="session")
+def shapes_sem_seg_datasets(datasets_root) -> Path:
+    """datasets_root with the generated shapes_sem_seg set (ADE20K layout), the shapes names
+    registered under it in this process; the default registration is restored afterwards."""
+    ensure_shapes_dataset("shapes_sem_seg", datasets_root)
+    register_shapes_under(datasets_root)
+    yield datasets_root
+    register_shapes_under(None)

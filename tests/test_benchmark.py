@@ -14,7 +14,7 @@ sys.path.insert(0, str(REPO_ROOT / "tools"))
 import benchmark  # noqa: E402
 
 TINY = ["--height", "64", "--width", "96", "--warmup", "0", "--rounds", "1", "--threads", "1"]
-R50, RESNET = "R50 Mask R-CNN", "ResNet-50 (Detectron2)"
+R50, RESNET, R50_UPERNET = "R50 Mask R-CNN", "ResNet-50 (Detectron2)", "R50 UperNet"
 
 
 def run_mode(mode: str, args: Sequence[str], tmp_path: Path) -> List[List[str]]:
@@ -94,3 +94,24 @@ def test_doc_without_markers_is_refused_before_measuring(tmp_path):
     doc.write_text(f"{benchmark.markers('backbones')[0]}\n")
     with pytest.raises(SystemExit, match="needs one '<!-- benchmark.py backbones: begin -->'"):
         benchmark.main(["backbones", "--models", "DMF-XXS", "--doc", str(doc)])
+
+
+def test_segmentation(tmp_path):
+    """The R50 reference and one family (building a segmentor takes seconds)."""
+    rows = run_mode("segmentation", ["--models", "MixFormer-B1 UperNet", R50_UPERNET], tmp_path)
+    assert rows[0] == [
+        "model", "config", "params (M)", "GFLOPs", "× R50 FLOPs", "latency s, median (min–max)",
+        "× R50 latency", "× R50 latency per GFLOP",
+    ]  # fmt: skip
+    assert [row[0] for row in rows[1:]] == [R50_UPERNET, "MixFormer-B1 UperNet"]  # reference first
+    reference, mixformer = rows[1], rows[2]
+    assert reference[1] == "`mixformer_b1_upernet_160k.yaml` with build_resnet_backbone"
+    assert reference[4] == reference[6] == reference[7] == "1.00"
+    assert mixformer[1] == "`mixformer_b1_upernet_160k.yaml`" and mixformer[2] == "34.5"
+    # the same UperNet head: the segmentors differ by their backbones' sizes
+    assert float(reference[2]) > float(mixformer[2]) > 28 and float(mixformer[4]) > 0
+
+
+def test_segmentation_needs_the_reference(tmp_path):
+    with pytest.raises(SystemExit, match="--models must include 'R50 UperNet'"):
+        benchmark.main(["segmentation", *TINY, "--models", "MixFormer-B1 UperNet", "--doc", "-"])

@@ -10,14 +10,15 @@ from detectron2.modeling import BACKBONE_REGISTRY, build_model
 from detectron2.utils.events import EventStorage
 from fvcore.nn import parameter_count
 
-from conftest import load_config
+from conftest import is_segmentation_config, load_config
 from hybrid_d2.data import DatasetMapper
 from hybrid_d2.evaluation import build_evaluator
 from hybrid_d2.solver import build_optimizer
 
 CONFIG_ROOT = Path(__file__).resolve().parents[1] / "configs"
 CONFIGS = sorted(CONFIG_ROOT.rglob("*.yaml"))
-EXPERIMENTS = [c for c in CONFIGS if not c.name.startswith("Base-")]
+# Detection experiments (the segmentation ones are tested by test_segmentation_configs.py).
+EXPERIMENTS = [c for c in CONFIGS if not c.name.startswith("Base-") and not is_segmentation_config(c)]
 COCO_EXPERIMENTS = [c for c in EXPERIMENTS if c.parent == CONFIG_ROOT]
 SHAPES_EXPERIMENTS = [c for c in EXPERIMENTS if c.parent.name == "shapes"]
 MULTI_SCALE_3X = (480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800)

@@ -360,3 +360,88 @@ def test_script_writes_one_image_file(inputs, tmp_path, datasets_root):
     assert result.returncode == 0, result.stderr
     assert f"{inputs / 'color.jpg'}: 3 detections in " in result.stdout
     assert os.listdir(tmp_path) == ["pred.png"] and image_size(output) == (120, 160)
+
+
+# ---------------------------------------------------------------- semantic segmentation
+
+UPERNET_SHAPES = SHAPES_CONFIGS / "mixformer_b1_upernet_shapes.yaml"
+
+
+@pytest.fixture(scope="module")
+def upernet(demo):
+    """The UperNet shapes_sem_seg model with random weights."""
+    import torch
+
+    torch.manual_seed(0)
+    return build_predictor(demo, UPERNET_SHAPES)
+
+
+@pytest.fixture
+def run_sem_seg_demo(demo, upernet, monkeypatch, capsys):
+    """Run main(argv + the UperNet args) with the shared model; returns (status, stdout, stderr)."""
+    monkeypatch.setattr(demo, "VisualizationPredictor", lambda cfg: upernet)
+
+    def run(*argv):
+        status = demo.main([*map(str, argv), *demo_args(UPERNET_SHAPES)])
+        out, err = capsys.readouterr()
+        return status, out, err
+
+    return run
+
+
+def test_sem_seg_image_draws_the_label_map_in_the_class_colours(run_sem_seg_demo, upernet, inputs, tmp_path):
+    import torch
+
+    from hybrid_d2.data.shapes import SEM_SEG_CLASSES, SEM_SEG_COLORS
+
+    image = cv2.imread(str(inputs / "color.png"))
+    labels, _, _ = upernet(image, "color.png")
+    with torch.no_grad():  # the model's own output, argmax over the classes
+        expected = upernet.predictor(image)["sem_seg"].argmax(dim=0)
+    assert labels.shape == image.shape[:2] and labels.dtype == torch.int64
+    assert torch.equal(labels, expected) and set(labels.unique().tolist()) <= set(range(6))
+
+    status, stdout, stderr = run_sem_seg_demo("--input", inputs / "color.png", "--output", tmp_path)
+    assert status == 0, stderr
+    label, count = max(zip(*torch.unique(labels, return_counts=True)), key=lambda lc: lc[1])
+    share = f"{SEM_SEG_CLASSES[label]} {100 * count / labels.numel():.0f}%"
+    assert f"{inputs / 'color.png'}: segmentation: {share}" in stdout  # the largest class first
+    drawing = cv2.imread(str(tmp_path / "color.png"))
+    assert drawing.shape == image.shape
+    # the largest region is tinted towards its class colour (Visualizer alpha 0.8, BGR file)
+    region = labels.numpy() == int(label)
+    colour = np.array(SEM_SEG_COLORS[label][::-1], float)
+    before = np.abs(image[region].astype(float) - colour).mean()
+    after = np.abs(drawing[region].astype(float) - colour).mean()
+    assert after < 0.5 * before, (before, after)
+
+
+def test_sem_seg_video_keeps_the_colours_from_frame_to_frame(run_sem_seg_demo, tmp_path):
+    """A still video: every drawn frame is the same drawing (the classes' fixed colours)."""
+    clip = tmp_path / "still.mp4"
+    writer = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"mp4v"), VIDEO_FPS, VIDEO_SIZE)
+    for _ in range(4):
+        writer.write(shapes_image(VIDEO_SIZE[1], VIDEO_SIZE[0]))
+    writer.release()
+    output = tmp_path / "out" / "still_pred.mp4"
+    status, stdout, stderr = run_sem_seg_demo("--video-input", clip, "--output", output)
+    assert status == 0, stderr
+    assert f"{clip}: 4 frames in" in stdout
+    assert video_properties(output) == (4, pytest.approx(VIDEO_FPS), VIDEO_SIZE)
+    capture = cv2.VideoCapture(str(output))
+    frames = [capture.read()[1].astype(int) for _ in range(4)]
+    capture.release()
+    assert max(np.abs(f - frames[0]).mean() for f in frames) < 2  # codec noise only
+    assert np.abs(frames[0] - shapes_image(VIDEO_SIZE[1], VIDEO_SIZE[0])).mean() > 10  # drawn
+
+
+def test_sem_seg_metadata_without_names_or_colours_gets_fixed_ones(predictor_module):
+    from detectron2.data.catalog import Metadata
+
+    metadata = predictor_module.sem_seg_metadata(Metadata(name="x", stuff_classes=["a", "b"]), 4)
+    assert metadata.stuff_classes == ["a", "b", "class 2", "class 3"]
+    assert len(metadata.stuff_colors) == 4 and all(len(c) == 3 for c in metadata.stuff_colors)
+    again = predictor_module.sem_seg_metadata(Metadata(name="x"), 4)
+    assert again.stuff_colors == metadata.stuff_colors  # the same on every call: no flicker
+    kept = predictor_module.sem_seg_metadata(Metadata(name="x", stuff_colors=[[1, 2, 3]]), 2)
+    assert kept.stuff_colors[0] == [1, 2, 3] and kept.stuff_colors[1] == metadata.stuff_colors[1]

@@ -14,12 +14,15 @@ from detectron2.modeling import build_model
 from detectron2.structures import Instances
 
 import hybrid_d2
-from conftest import REPO_ROOT, load_config, run_script
+from conftest import REPO_ROOT, is_segmentation_config, load_config, run_script
 from hybrid_d2.backbones import build_hybrid_retinanet_backbone
 from hybrid_d2.data import DatasetMapper
 from hybrid_d2.evaluation import build_evaluator
 
-SHAPES_CONFIGS = sorted(p for p in (REPO_ROOT / "configs/shapes").glob("*.yaml") if not p.name.startswith("Base-"))
+SHAPES_CONFIGS = sorted(
+    p for p in (REPO_ROOT / "configs/shapes").glob("*.yaml")
+    if not p.name.startswith("Base-") and not is_segmentation_config(p)
+)
 KEYPOINT_CONFIG = REPO_ROOT / "configs/shapes/mixformer_b1_keypoint_rcnn_shapes.yaml"
 TINY_TEST = ["INPUT.MIN_SIZE_TEST", 96, "INPUT.MAX_SIZE_TEST", 128, "DATALOADER.NUM_WORKERS", 0]
 

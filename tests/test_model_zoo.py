@@ -78,3 +78,27 @@ def test_check_passes_on_the_real_tables_and_names_a_changed_variant(monkeypatch
     errors = capsys.readouterr().err
     assert "mixformer b1: expected 6,277,405 params, got " in errors
     assert errors.count("expected") == 1
+
+
+def test_segmentation_rows_count_the_decode_head_without_the_aux_head(tmp_path):
+    """ADE20K section: parameters include UperNet's auxiliary head, FLOPs do not (mmseg)."""
+    doc = tmp_path / "zoo.md"
+    begin, end, _ = model_zoo.SECTIONS["ade20k"]
+    doc.write_text(f"{model_zoo.BEGIN}\ncoco\n{model_zoo.END}\n{begin}\nold\n{end}\n")
+    name = "mixformer_b1_upernet_160k"
+    config = REPO_ROOT / "configs" / "ade20k" / f"{name}.yaml"
+    args = ["--section", "ade20k", "--configs", str(config), "--height", "64", "--width", "96", "--output", str(doc)]
+    assert model_zoo.main(args) == 0
+    text = doc.read_text()
+    assert text.startswith(f"{model_zoo.BEGIN}\ncoco\n")  # the detection table is left alone
+    row = next(line for line in text.splitlines() if line.startswith(f"| `{name}`"))
+    cells = [c.strip() for c in row.split("|")]
+    torch.manual_seed(0)
+    model = build_model(load_config(config)).eval()
+    assert cells[3] == f"{parameter_count(model)[''] / 1e6:.2f}" and "mIoU 42.0 / 43.5" in row
+    image = torch.zeros(1, 3, 64, 96)
+    aux_calls = []
+    model.sem_seg_head.aux_head.register_forward_hook(lambda *args: aux_calls.append(1))
+    with torch.no_grad():
+        decode = flop_count_analysis(model_zoo.DummyForward(model, (64, 96)), image).total()
+    assert cells[5] == f"{decode / 1e9:.1f}" and decode > 1e9 and aux_calls == []

@@ -5,6 +5,7 @@
     PYTHONPATH=. python tools/benchmark.py backbones          # backbones alone against ResNet-50
     PYTHONPATH=. python tools/benchmark.py compile            # eager against torch.compile
     PYTHONPATH=. python tools/benchmark.py dmformer-branches  # DMFormer's dilated branches
+    PYTHONPATH=. python tools/benchmark.py segmentation       # UperNet segmentors against R50
     PYTHONPATH=. python tools/benchmark.py MODE --help        # what MODE measures, its options
 
 Every mode shares:
@@ -28,20 +29,21 @@ Every mode shares:
 Adding a mode: one function that measures with the pieces above and returns a :class:`Report`,
 and its registration (:class:`Mode`'s fields: default size and warm-up, own options, ``doc=`` and
 ``json_path=`` for default outputs, ``worker=`` for what ``--worker NAME`` measures in a fresh
-process). Its docstring is the mode's ``--help``, its first line the summary. For example:
+process). Its docstring is the mode's ``--help``, its first line the summary. For example, the
+segmentation mode, abridged:
 
     @mode("segmentation", height=512, width=512, warmup=1, options=[models_option(SEGMENTORS)])
     def segmentation(args: argparse.Namespace) -> Report:
-        '''UperNet segmentors against an R50 reference.
+        '''UperNet segmentors against Detectron2's ResNet-50 with the same UperNet head.
 
         What it measures, how (shown by ``segmentation --help``).'''
-        calls = {name: inference(SEGMENTORS[name](), image) for name in args.models}
-        times = alternate(calls, args.warmup, args.rounds, label="infer")
+        runners = {name: Runner(segmentor_config(name, "cpu"), args, False, train=False) ...}
+        times = alternate({name: r.infer for name, r in runners.items()}, args.warmup, ...)
         return Report(settings=f"{args.height}x{args.width}, ...", tables=[Table(columns, rows)])
 
-The detectors mode's pieces for Detectron2 models: :class:`Runner` (inference, a training step on
-synthetic instances, GFLOPs, memory) and :func:`detector_table` (ratios to a reference, latency
-per GFLOP).
+The pieces for Detectron2 models (detectors, segmentation): :class:`Runner` (inference, a
+training step on synthetic instances, GFLOPs, memory), :func:`latency_cells` (GFLOPs and latency
+with their ratios to a reference, latency per GFLOP) and :func:`detector_table`.
 """
 
 import argparse
@@ -458,15 +460,18 @@ def synthetic_batch(images: int, height: int, width: int, device: str, train: bo
 
 
 class Runner:
-    """One detector with its inputs: ``infer`` (batch 1) and ``train_step`` (batch 2)."""
+    """One Detectron2 model with its inputs: ``infer`` (batch 1) and, with ``train``,
+    ``train_step`` (batch 2 of a detector's synthetic instances)."""
 
-    def __init__(self, cfg: CfgNode, args: argparse.Namespace, amp: bool):
+    def __init__(self, cfg: CfgNode, args: argparse.Namespace, amp: bool, train: bool = True):
         torch.manual_seed(0)
         self.model = build_model(cfg)
         self.device, self.amp = cfg.MODEL.DEVICE, amp
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=1e-5, momentum=0.9)
         self.image = synthetic_batch(1, args.height, args.width, self.device, train=False)
-        self.train_batch = synthetic_batch(2, args.height, args.width, self.device, train=True)
+        self.train_batch = (
+            synthetic_batch(2, args.height, args.width, self.device, train=True) if train else None
+        )
 
     def _autocast(self) -> torch.autocast:
         return torch.autocast(self.device.split(":")[0], dtype=torch.float16, enabled=self.amp)
@@ -537,26 +542,38 @@ def measure_detectors(args: argparse.Namespace, device: str, amp: bool) -> Dict[
     return results
 
 
+LATENCY_COLUMNS = [
+    "GFLOPs", "× R50 FLOPs", "latency s, median (min–max)", "× R50 latency",
+    "× R50 latency per GFLOP",
+]  # fmt: skip
+
+
+def latency_cells(result: dict, reference: dict) -> List[str]:
+    """The :data:`LATENCY_COLUMNS` cells of ``result``: GFLOPs, latency and their ratios to
+    ``reference``'s (latency per GFLOP above 1.3 in bold)."""
+    lat, ref_lat = result["latency_s"], reference["latency_s"]
+    per_gflop = (lat["median"] / result["gflops"]) / (ref_lat["median"] / reference["gflops"])
+    bold = "**" if per_gflop > 1.3 else ""
+    return [
+        f"{result['gflops']:.0f}", f"{result['gflops'] / reference['gflops']:.2f}",
+        f"{lat['median']:.2f} ({lat['min']:.2f}–{lat['max']:.2f})",
+        f"{lat['median'] / ref_lat['median']:.2f}", f"{bold}{per_gflop:.2f}{bold}",
+    ]  # fmt: skip
+
+
 def detector_table(setting: str, results: Dict[str, dict], reference: str) -> Table:
-    """Latency, FLOPs and their ratios to ``reference``'s (per GFLOP above 1.3 in bold)."""
+    """Latency, FLOPs and their ratios to ``reference``'s, training throughput and memory."""
     table = Table(
         [
-            "model", "GFLOPs", "× R50 FLOPs", "latency s, median (min–max)", "× R50 latency",
-            "× R50 latency per GFLOP", "train images/s, median (min–max)",
+            "model", *LATENCY_COLUMNS, "train images/s, median (min–max)",
             "peak memory added, inference / training (MiB)",
         ],
         title=setting,
     )  # fmt: skip
-    ref = results[reference]
-    ref_per_gflop = ref["latency_s"]["median"] / ref["gflops"]
     for name, r in results.items():
-        lat, thr = r["latency_s"], r["train_images_per_s"]
-        per_gflop = lat["median"] / r["gflops"] / ref_per_gflop
-        bold = "**" if per_gflop > 1.3 else ""
+        thr = r["train_images_per_s"]
         table.rows.append([
-            name, f"{r['gflops']:.0f}", f"{r['gflops'] / ref['gflops']:.2f}",
-            f"{lat['median']:.2f} ({lat['min']:.2f}–{lat['max']:.2f})",
-            f"{lat['median'] / ref['latency_s']['median']:.2f}", f"{bold}{per_gflop:.2f}{bold}",
+            name, *latency_cells(r, results[reference]),
             f"{thr['median']:.2f} ({thr['min']:.2f}–{thr['max']:.2f})",
             f"{r['inference_mib']:.0f} / {r['train_mib']:.0f}",
         ])  # fmt: skip
@@ -606,6 +623,116 @@ def detectors(args: argparse.Namespace) -> Report:
         settings=f"{args.height}x{args.width}, {args.warmup} warm-up + {args.rounds} inference "
         f"rounds, 1 + {args.train_rounds} training steps of 2 images",
         tables=[detector_table(s, r, DETECTOR_REFERENCE) for s, r in results.items()],
+        results=results,
+    )
+
+
+# ---- segmentation: UperNet segmentors against R50 UperNet ------------------------------------
+
+SEGMENTOR_REFERENCE = "R50 UperNet"
+# The ADE20K config whose head (UperNet + auxiliary FCN, 150 classes) every segmentor shares.
+UPERNET_CONFIG = "configs/ade20k/mixformer_b1_upernet_160k.yaml"
+# name: (config, overrides). Each family's smallest UperNet paper row; DMF has no ADE20K row, so
+# DMF-S gets the same UperNet over its bottom-up network; R50 is Detectron2's ResNet-50.
+SEGMENTORS: Dict[str, Tuple[str, Tuple[Any, ...]]] = {
+    SEGMENTOR_REFERENCE: (
+        UPERNET_CONFIG,
+        ("MODEL.BACKBONE.NAME", "build_resnet_backbone", "MODEL.RESNETS.DEPTH", 50,
+         "MODEL.RESNETS.OUT_FEATURES", ["res2", "res3", "res4", "res5"]),
+    ),  # fmt: skip
+    "MixFormer-B1 UperNet": (UPERNET_CONFIG, ()),
+    "DilateFormer-S UperNet": ("configs/ade20k/dilateformer_s_upernet_160k.yaml", ()),
+    "DualFormer-S UperNet": ("configs/ade20k/dualformer_s_upernet_80k.yaml", ()),
+    "DMF-S UperNet": (
+        "configs/ade20k/dmformer_s_upernet_160k.yaml",
+        ("MODEL.FPN.BOTTOM_UP", "build_dmf_backbone", "MODEL.DMF.VARIANT", "s"),
+    ),
+    "DMFormer-S UperNet": ("configs/ade20k/dmformer_s_upernet_160k.yaml", ()),
+}
+
+
+def segmentor_config(name: str, device: str) -> CfgNode:
+    """The config of a benchmarked segmentor (``segmentation --help``), one-process norms."""
+    path, overrides = SEGMENTORS[name]
+    cfg = get_config(os.path.join(REPO_ROOT, path), [str(v) for v in overrides])
+    cfg.MODEL.DEVICE = device
+    cfg.MODEL.WEIGHTS = ""
+    _without_sync_bn(cfg)
+    return cfg
+
+
+def measure_segmentors(args: argparse.Namespace, device: str, amp: bool) -> Dict[str, dict]:
+    """Inference latency, parameters and GFLOPs of every segmentor on ``device``."""
+    runners = {
+        name: Runner(segmentor_config(name, device), args, amp, train=False) for name in args.models
+    }
+    infer = {name: runner.infer for name, runner in runners.items()}
+    times = alternate(infer, args.warmup, args.rounds, synchronizer(device), "infer")
+    return {
+        name: {
+            "config": SEGMENTORS[name][0],
+            "params_m": sum(p.numel() for p in runner.model.parameters()) / 1e6,
+            "latency_s": spread(times[name]),
+            "gflops": runner.gflops(),
+        }
+        for name, runner in runners.items()
+    }
+
+
+def segmentor_table(setting: str, results: Dict[str, dict], reference: str) -> Table:
+    """Size, latency, FLOPs and their ratios to ``reference``'s."""
+    table = Table(["model", "config", "params (M)", *LATENCY_COLUMNS], title=setting)
+    for name, r in results.items():
+        overrides = SEGMENTORS[name][1]  # the first names the backbone builder
+        config = f"`{os.path.basename(r['config'])}`" + (
+            f" with {overrides[1]}" if overrides else ""
+        )
+        row = [name, config, f"{r['params_m']:.1f}", *latency_cells(r, results[reference])]
+        table.rows.append(row)
+    return table
+
+
+@mode(
+    "segmentation",
+    height=512,
+    width=512,
+    warmup=1,
+    options=[
+        models_option(SEGMENTORS),
+        option("--no-cuda", action="store_true", help="CPU only even with a GPU"),
+    ],
+)
+def segmentation(args: argparse.Namespace) -> Report:
+    """UperNet segmentors against Detectron2's ResNet-50 with the same UperNet head.
+
+    Per-image inference latency of each family's UperNet segmentor: MixFormer-B1, DilateFormer-S,
+    DualFormer-S and DMFormer-S as their smallest ADE20K paper configs build them
+    (configs/ade20k/; UperNet of 512 channels with its auxiliary FCN head, 150 classes), DMF-S
+    (no ADE20K row in its paper) with the DMFormer-S config's UperNet over its bottom-up network,
+    and the reference: Detectron2's ResNet-50 (build_resnet_backbone, outputs res2-res5) under the
+    MixFormer-B1 config's UperNet. Random weights; SyncBN becomes BatchNorm (one process).
+    Inference: eval mode, torch.no_grad, batch 1, one 512x512 noise image through
+    SemanticSegmentor's whole inference (normalisation, padding, backbone, decode head, resizing
+    of the logits to the image); the auxiliary head does not run. Models alternate within each
+    round (round-robin); the tables give the median and the range (min-max) over the rounds.
+    GFLOPs: fvcore convention of tools/model_zoo.py's segmentation protocol (backbone + decode
+    head) at the benchmark size; "× R50 latency per GFLOP" = (latency / GFLOPs) over R50's
+    (bold above 1.3). CUDA (fp32 and AMP float16) runs too when a GPU is present.
+    """
+    if SEGMENTOR_REFERENCE not in args.models:
+        raise SystemExit(f"--models must include {SEGMENTOR_REFERENCE!r} (the ratios are to it)")
+    args.models = [SEGMENTOR_REFERENCE] + [m for m in args.models if m != SEGMENTOR_REFERENCE]
+    settings = {f"CPU, {args.threads} threads, fp32": ("cpu", False)}
+    if torch.cuda.is_available() and not args.no_cuda:
+        settings.update({"CUDA fp32": ("cuda", False), "CUDA AMP (float16)": ("cuda", True)})
+    results = {}
+    for setting, (device, amp) in settings.items():
+        progress(f"{setting}:")
+        results[setting] = measure_segmentors(args, device, amp)
+    return Report(
+        settings=f"{args.height}x{args.width}, batch 1, {args.warmup} warm-up + {args.rounds} "
+        "inference rounds",
+        tables=[segmentor_table(s, r, SEGMENTOR_REFERENCE) for s, r in results.items()],
         results=results,
     )
 

@@ -4,6 +4,7 @@
     python tools/model_zoo.py                       # all configs/*.yaml, rewrites docs/MODEL_ZOO.md
     python tools/model_zoo.py --configs "configs/mixformer_*" --height 64 --width 96 --output -
     python tools/model_zoo.py --check               # backbone params against the recorded counts
+    python tools/model_zoo.py --section ade20k      # configs/ade20k/*.yaml, the ADE20K table
 
 FLOP protocol (mmdetection's ``forward_dummy``, behind the papers' ``get_flops`` numbers): one
 image of the paper's size (Mask R-CNN and Cascade 800x1280, RetinaNet and DMF's rows 800x1333;
@@ -11,7 +12,9 @@ padded to a multiple of 32 as Detectron2 pads it), through backbone and FPN, the
 (RPN or RetinaNet), the box head on NUM_BOXES fixed boxes (every stage of a cascade) and the mask
 or keypoint head on the first NUM_MASKS of them. Counted in two conventions
 (``hybrid_d2.layers.flops``): fvcore's, and mmcv's (no attention products, no dynamic kernels).
-Only the text between the BEGIN and END markers of the output is rewritten.
+Segmentation (mmseg's ``forward_dummy``): one 512x2048 image through the backbone and the decode
+head, without UperNet's auxiliary head (its parameters are counted, as mmseg's get_flops does).
+Only the text between the BEGIN and END markers of the section (coco or ade20k) is rewritten.
 """
 
 import argparse
@@ -24,7 +27,7 @@ import torch
 from detectron2.config import CfgNode
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, build_model
-from detectron2.modeling.meta_arch import RetinaNet
+from detectron2.modeling.meta_arch import RetinaNet, SemanticSegmentor
 from detectron2.structures import Boxes
 from fvcore.nn import parameter_count
 from torch import nn
@@ -47,6 +50,15 @@ from model_zoo_data import BACKBONE_PARAMS, PAPER_ROWS, PaperRow  # noqa: E402
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC = os.path.join(REPO_ROOT, "docs", "MODEL_ZOO.md")
 BEGIN, END = "<!-- model_zoo.py: begin -->", "<!-- model_zoo.py: end -->"
+# section: (begin marker, end marker, default config glob)
+SECTIONS = {
+    "coco": (BEGIN, END, os.path.join(REPO_ROOT, "configs", "*.yaml")),
+    "ade20k": (
+        "<!-- model_zoo.py ade20k: begin -->",
+        "<!-- model_zoo.py ade20k: end -->",
+        os.path.join(REPO_ROOT, "configs", "ade20k", "*.yaml"),
+    ),
+}
 NUM_BOXES, NUM_MASKS = 1000, 100  # mmdetection's forward_dummy
 PARAMS_TOLERANCE, FLOPS_TOLERANCE = 0.03, 0.05
 # family: (config node, variant table, BottomUp builder) for --check
@@ -130,6 +142,8 @@ class DummyForward(nn.Module):
     def forward(self, image: torch.Tensor) -> List[torch.Tensor]:
         model = self.model
         features = model.backbone(image)
+        if isinstance(model, SemanticSegmentor):  # decode head only (no auxiliary head)
+            return [model.sem_seg_head.layers(features)]
         if isinstance(model, RetinaNet):
             return _flatten(model.head([features[f] for f in model.head_in_features]))
         rpn, heads = model.proposal_generator, model.roi_heads
@@ -162,9 +176,12 @@ def _flatten(outputs) -> List[torch.Tensor]:
 
 
 def flop_size(cfg: CfgNode, paper: Optional[PaperRow]) -> Tuple[int, int]:
-    """The paper's (H, W) for this row; else 800x1333 for RetinaNet, 800x1280 otherwise."""
+    """The paper's (H, W) for this row; else 512x2048 for segmentors, 800x1333 for RetinaNet,
+    800x1280 otherwise."""
     if paper is not None:
         return paper.size
+    if cfg.MODEL.META_ARCHITECTURE == "SemanticSegmentor":
+        return (512, 2048)
     return (800, 1333) if cfg.MODEL.META_ARCHITECTURE == "RetinaNet" else (800, 1280)
 
 
@@ -227,7 +244,9 @@ def table_rows(
             f" ({s['trainable'] / 1e6:.2f} trainable)" if s["trainable"] != s["params"] else ""
         )
         ap = "—"
-        if paper and paper.box_ap is not None:
+        if paper and paper.miou is not None:
+            ap = f"mIoU {paper.miou}"
+        elif paper and paper.box_ap is not None:
             ap = f"{paper.box_ap}" + (f" / {paper.mask_ap}" if paper.mask_ap is not None else "")
         paper_size = (
             f"{paper.params_m}M, {paper.gflops or '—'}G ({paper.flop_convention}), {paper.source}"
@@ -244,12 +263,16 @@ def table_rows(
 
 
 def render(
-    stats: Dict[str, Dict[str, float]], sizes: Dict[str, Tuple[int, int]], command: str
+    stats: Dict[str, Dict[str, float]],
+    sizes: Dict[str, Tuple[int, int]],
+    command: str,
+    section: str = "coco",
 ) -> str:
     rows, notes = table_rows(stats, sizes)
+    model, metric = ("segmentor", "mIoU") if section == "ade20k" else ("detector", "box / mask AP")
     header = (
-        "| config | backbone params (M) | detector params (M) | FLOP size | GFLOPs fvcore | "
-        "GFLOPs mmcv | paper params, GFLOPs (convention), source | paper box / mask AP | "
+        f"| config | backbone params (M) | {model} params (M) | FLOP size | GFLOPs fvcore | "
+        f"GFLOPs mmcv | paper params, GFLOPs (convention), source | paper {metric} | "
         "Δ params | Δ FLOPs |\n|---|---|---|---|---|---|---|---|---|---|"
     )
     footnotes = "".join(f"\n{i}. {note}" for i, note in enumerate(notes, 1))
@@ -266,12 +289,14 @@ def render(
     )
 
 
-def replace_generated(text: str, generated: str, path: str) -> str:
-    """``text`` with the part between BEGIN and END replaced by ``generated``."""
-    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
-        raise SystemExit(f"model_zoo: {path} needs one '{BEGIN}' line before one '{END}' line")
-    head, rest = text.split(BEGIN)
-    return f"{head}{BEGIN}\n{generated}{END}{rest.split(END, 1)[1]}"
+def replace_generated(
+    text: str, generated: str, path: str, begin: str = BEGIN, end: str = END
+) -> str:
+    """``text`` with the part between ``begin`` and ``end`` replaced by ``generated``."""
+    if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
+        raise SystemExit(f"model_zoo: {path} needs one '{begin}' line before one '{end}' line")
+    head, rest = text.split(begin)
+    return f"{head}{begin}\n{generated}{end}{rest.split(end, 1)[1]}"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -279,10 +304,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument(
+        "--section",
+        choices=list(SECTIONS),
+        default="coco",
+        help="table to write: coco (detection, configs/*.yaml) or ade20k (configs/ade20k/*.yaml)",
+    )
+    parser.add_argument(
         "--configs",
         nargs="+",
-        default=[os.path.join(REPO_ROOT, "configs", "*.yaml")],
-        help="config globs (default: every experiment config)",
+        help="config globs (default: every experiment config of the section)",
     )
     parser.add_argument("--height", type=int, help="FLOP input height instead of the paper's")
     parser.add_argument("--width", type=int, help="FLOP input width instead of the paper's")
@@ -306,8 +336,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1 if errors else 0
     if (args.height is None) != (args.width is None):
         parser.error("--height and --width go together")
+    begin, end, default_configs = SECTIONS[args.section]
     stats, sizes, counted = {}, {}, {}
-    for path in tqdm(experiment_configs(args.configs), desc="model_zoo", unit="config"):
+    for path in tqdm(experiment_configs(args.configs or [default_configs]), desc="model_zoo", unit="config"):
         name = os.path.splitext(os.path.basename(path))[0]
         cfg = load_config(path)
         sizes[name] = (
@@ -318,12 +349,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             counted[key] = detector_stats(cfg, sizes[name])
         stats[name] = counted[key]
     command = "python tools/model_zoo.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    generated = render(stats, sizes, command.strip())
+    generated = render(stats, sizes, command.strip(), args.section)
     if args.output == "-":
         print(generated)
         return 0
     with open(args.output) as f:
-        text = replace_generated(f.read(), generated, args.output)
+        text = replace_generated(f.read(), generated, args.output, begin, end)
     with atomic_output(args.output) as tmp:
         with open(tmp, "w") as f:
             f.write(text)

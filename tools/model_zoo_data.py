@@ -5,7 +5,8 @@ from typing import Dict, NamedTuple, Optional, Tuple
 
 
 class PaperRow(NamedTuple):
-    """One row of a paper's COCO table (whole detector)."""
+    """One row of a paper's COCO table (whole detector) or ADE20K table (whole segmentor, the
+    auxiliary head included in the parameters, not in the FLOPs, as mmseg's get_flops)."""
 
     source: str  # paper and table
     params_m: Optional[float]  # millions, as printed
@@ -16,6 +17,7 @@ class PaperRow(NamedTuple):
     mask_ap: Optional[float] = None
     trainable_params: bool = False  # the paper counted trainable parameters only
     note: str = ""  # a known reason why our model's size differs from the paper's
+    miou: Optional[str] = None  # ADE20K mIoU as printed: "ss / ms", or "ss" alone
 
 
 MMDET_CASCADE = (
@@ -94,6 +96,32 @@ _mask_rcnn(
     size=DMF_SIZE,
     trainable_params=True,
 )
+
+# ADE20K rows (512x2048 FLOPs, mmseg get_flops = mmcv's counter). Keyed by configs/ade20k names.
+ADE_SIZE = (512, 2048)
+_DUALFORMER_ADE_NOTE = (
+    "the paper's DualFormer-S total (48M) is below its own backbone (Table 1: 22.6M with the "
+    "classifier) plus mmseg's UperNet heads for its channels (30.5M); DualFormer has no official "
+    "code (docs/segmentation.md)"
+)
+for _name, _source, _p, _f, _miou in (
+    ("mixformer_b1_upernet_160k", "MixFormer Table 6", 35, 854, "42.0 / 43.5"),
+    ("mixformer_b2_upernet_160k", "MixFormer Table 6", 37, 859, "43.1 / 43.9"),
+    ("mixformer_b3_upernet_160k", "MixFormer Table 6", 44, 880, "44.5 / 45.5"),
+    ("mixformer_b4_upernet_160k", "MixFormer Table 6", 63, 918, "46.8 / 48.0"),
+    ("dilateformer_s_upernet_160k", "DilateFormer Table VI", 54, 935, "47.1 / 47.6"),
+    ("dilateformer_b_upernet_160k", "DilateFormer Table VI", 79, 1046, "50.8 / 51.1"),
+    ("dilateformer_s_semfpn_80k", "DilateFormer Table VI", 28, 178, "47.1"),
+    ("dilateformer_b_semfpn_80k", "DilateFormer Table VI", 51, 288, "48.8"),
+    ("dualformer_s_upernet_80k", "DualFormer Table 4", 48, 922, "48.6"),
+    ("dualformer_b_upernet_80k", "DualFormer Table 4", 104, 1150, "50.5"),
+    ("dmformer_s_semfpn_40k", "DMFormer Table 4", 30.4, None, "47.2"),
+    ("dmformer_s_upernet_160k", "DMFormer Table 4", 56.6, None, "47.6 (ss or ms not stated)"),
+):
+    PAPER_ROWS[_name] = PaperRow(
+        _source, _p, _f, "mmcv", ADE_SIZE, None, miou=_miou,
+        note=_DUALFORMER_ADE_NOTE if _name.startswith("dualformer") else "",
+    )
 
 # Reference detectors (Swin's Table 3 numbers, as MixFormer Table 4 and DilateFormer Table IV
 # print them): Mask R-CNN FPN 1x.

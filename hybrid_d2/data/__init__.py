@@ -2,8 +2,10 @@
 
 from .guards import check_dataset_files, missing_dataset_files
 from .mapper import DatasetMapper, ImageReadError
+from .sem_seg import LabelError, SemSegDatasetMapper
 from .shapes import (
     SHAPES_DATASET_NAMES,
+    SHAPES_SEM_SEG_DATASET_NAMES,
     IncompleteDatasetError,
     ensure_shapes_dataset,
     is_shapes_dataset,
@@ -16,7 +18,10 @@ __all__ = [
     "DatasetMapper",
     "ImageReadError",
     "IncompleteDatasetError",
+    "LabelError",
     "SHAPES_DATASET_NAMES",
+    "SHAPES_SEM_SEG_DATASET_NAMES",
+    "SemSegDatasetMapper",
     "check_dataset_files",
     "ensure_shapes_dataset",
     "is_shapes_dataset",

@@ -13,10 +13,13 @@ import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog, get_detection_dataset_dicts
 from detectron2.structures import BoxMode
 
+from .sem_seg import LabelError, check_label_values, read_label
 from .shapes import ensure_shapes_dataset, is_shapes_dataset
 
 __all__ = [
     "check_dataset_dicts",
+    "check_sem_seg_dataset_dicts",
+    "is_sem_seg_dataset",
     "check_dataset_files",
     "load_detection_dataset_dicts",
     "missing_dataset_files",
@@ -83,17 +86,25 @@ def check_dataset_files(dataset_name: str) -> None:
     """
     missing = missing_dataset_files(dataset_name)
     if missing:
+        converted = any(path.startswith("sem_seg_root:") and "annotations_detectron2" in path for path in missing)
+        hint = (
+            " ADE20K's annotations_detectron2/ is written by datasets/prepare_ade20k_sem_seg.py."
+            if converted
+            else ""
+        )
         raise FileNotFoundError(
             f"Dataset '{dataset_name}' is missing files:\n  "
             + "\n  ".join(missing)
             + f"\n{_datasets_root_description()} (read when detectron2 / hybrid_d2.data was "
-            "imported). See datasets/README.md for the expected layout."
+            f"imported). See datasets/README.md for the expected layout.{hint}"
         )
 
 
 # --- dataset dicts ---------------------------------------------------------------------------
 
 _NUM_CLASSES_KEYS = "MODEL.ROI_HEADS.NUM_CLASSES (R-CNN) / MODEL.RETINANET.NUM_CLASSES (RetinaNet)"
+# Label files of a semantic segmentation dataset read at start (all are checked as they are read).
+_LABELS_CHECKED_AT_START = 8
 # Detectron2's filter_empty_instances drops boxes whose side is not larger than this.
 _EMPTY_BOX_SIDE = 1e-5
 _MAX_LISTED = 10
@@ -196,9 +207,13 @@ def _check_image_files(dataset_dicts: List[dict], dataset_names: Sequence[str]) 
         )
 
 
-def _check_image_sizes(dataset_dicts: List[dict], dataset_names: Sequence[str]) -> None:
+def _check_image_sizes(
+    dataset_dicts: List[dict], dataset_names: Sequence[str], required: bool = True
+) -> None:
     for record in dataset_dicts:
         size = {key: record.get(key) for key in ("height", "width")}
+        if not required and size == {"height": None, "width": None}:
+            continue
         if any(not isinstance(v, numbers.Integral) or v <= 0 for v in size.values()):
             raise ValueError(
                 f"Image {record.get('file_name')} of {_describe(dataset_names)}: expected positive "
@@ -327,6 +342,58 @@ def _log_box_fixes(
         f"clipped; {num_dropped} boxes have zero area (after clipping) and will be dropped"
         f"{reversed_text}, as Detectron2 does."
     )
+
+
+def is_sem_seg_dataset(dataset_dicts: List[dict]) -> bool:
+    """Whether records are semantic segmentation records (a ``sem_seg_file_name``, no
+    ``annotations``), as Detectron2's ``load_sem_seg`` returns."""
+    return bool(dataset_dicts) and all(
+        "sem_seg_file_name" in record and "annotations" not in record for record in dataset_dicts
+    )
+
+
+def _check_label_files(
+    dataset_dicts: List[dict], dataset_names: Sequence[str], num_classes: int, ignore_value: int
+) -> None:
+    """Every label file exists; the first few hold only class ids and the ignore value."""
+    missing = [
+        str(record["sem_seg_file_name"])
+        for record in dataset_dicts
+        if not os.path.exists(record["sem_seg_file_name"])
+    ]
+    if missing:
+        listed = "\n  ".join(missing[:_MAX_LISTED]) + ("\n  ..." if len(missing) > _MAX_LISTED else "")
+        raise FileNotFoundError(
+            f"{len(missing)} of the {len(dataset_dicts)} label files of {_describe(dataset_names)} "
+            f"do not exist:\n  {listed}\n{_datasets_root_description()}."
+        )
+    for record in dataset_dicts[:_LABELS_CHECKED_AT_START]:
+        path = record["sem_seg_file_name"]
+        try:
+            check_label_values(read_label(path), path, num_classes, ignore_value)
+        except LabelError as error:
+            raise LabelError(f"{_describe(dataset_names)}: {error}") from None
+
+
+def check_sem_seg_dataset_dicts(
+    dataset_dicts: List[dict], dataset_names: Sequence[str], num_classes: int, ignore_value: int
+) -> None:
+    """Check the training records of semantic segmentation datasets before training starts:
+    records exist; every image and label file exists; height/width, where given, are positive
+    integers; the first few labels hold only ids in [0, num_classes) and ``ignore_value`` (the
+    training mapper checks every label, and its size against the image, as it reads it).
+
+    Raises:
+        ValueError: no records, or a bad height/width (naming the image).
+        FileNotFoundError: missing images or label files (the count and the first 10 paths).
+        LabelError: a label value outside the classes, naming the dataset and the file.
+    """
+    dataset_names = list(dataset_names)
+    if not dataset_dicts:
+        raise ValueError(_no_records_message(dataset_names))
+    _check_image_files(dataset_dicts, dataset_names)
+    _check_label_files(dataset_dicts, dataset_names, num_classes, ignore_value)
+    _check_image_sizes(dataset_dicts, dataset_names, required=False)
 
 
 def check_dataset_dicts(

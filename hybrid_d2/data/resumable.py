@@ -38,7 +38,12 @@ from detectron2.data.samplers import RepeatFactorTrainingSampler
 from detectron2.utils import comm
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .guards import check_dataset_dicts, load_detection_dataset_dicts
+from .guards import (
+    check_dataset_dicts,
+    check_sem_seg_dataset_dicts,
+    is_sem_seg_dataset,
+    load_detection_dataset_dicts,
+)
 
 __all__ = [
     "ResumableTrainLoader",
@@ -146,10 +151,12 @@ class SeekableTrainingStream(IterableDataset):
         rank: int,
         world_size: int,
         resume: Tuple[List[int], int] = ([], 0),
+        check_groups: bool = True,
     ):
         self._records, self._mapper, self._order = records, mapper, order
         self._seed, self._rank, self._world_size = seed, rank, world_size
         self._resume = resume
+        self._check_groups = check_groups  # aspect-ratio grouping replays the records' groups
 
     def global_position(self, position: int) -> int:
         return self._rank + position * self._world_size
@@ -169,7 +176,7 @@ class SeekableTrainingStream(IterableDataset):
                 f"The training mapper returned None for image {record.get('file_name')} "
                 f"(stream position {global_position}); a resumable stream cannot skip samples."
             )
-        if _is_wide(sample) != _is_wide(record):
+        if self._check_groups and _is_wide(sample) != _is_wide(record):
             raise ValueError(
                 f"The mapper changed the aspect-ratio group of image {record.get('file_name')}: "
                 f"record width/height {record['width']}/{record['height']}, mapped "
@@ -183,6 +190,17 @@ class SeekableTrainingStream(IterableDataset):
         for i, position in enumerate(_positions(self._resume)):
             if i % num_workers == worker:
                 yield self.map(position)
+
+
+def _check_sizes_for_grouping(dataset_dicts: List[dict]) -> None:
+    without = next((r for r in dataset_dicts if "width" not in r or "height" not in r), None)
+    if without is not None:
+        raise ValueError(
+            f"DATALOADER.ASPECT_RATIO_GROUPING needs 'height' and 'width' in every record; "
+            f"{without.get('file_name')} has none (Detectron2's load_sem_seg records, e.g. "
+            "ADE20K, have none: set DATALOADER.ASPECT_RATIO_GROUPING False, every crop has the "
+            "same size)"
+        )
 
 
 def _is_wide(record: dict) -> bool:
@@ -248,7 +266,9 @@ class ResumableTrainLoader:
         world_size: int = 1,
     ):
         self._records = DatasetFromList(dataset_dicts, copy=False, serialize=True)
-        self._wide = np.array([_is_wide(r) for r in dataset_dicts], dtype=bool)
+        if aspect_ratio_grouping:
+            _check_sizes_for_grouping(dataset_dicts)
+            self._wide = np.array([_is_wide(r) for r in dataset_dicts], dtype=bool)
         self._mapper, self._repeat_factors = mapper, repeat_factors
         self.batch_size, self.num_workers = batch_size, num_workers
         self._grouping = aspect_ratio_grouping
@@ -272,6 +292,7 @@ class ResumableTrainLoader:
             self._rank,
             self._world_size,
             resume=self._resume_point(order),
+            check_groups=self._grouping,
         )
 
     def _resume_point(self, order: _EpochOrder) -> Tuple[List[int], int]:
@@ -315,11 +336,21 @@ def train_dataset_dicts(cfg: CfgNode) -> List[dict]:
         ),
         proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
     )
-    check_dataset_dicts(dataset_dicts, cfg.DATASETS.TRAIN, _num_classes(cfg))
+    if is_sem_seg_dataset(dataset_dicts):
+        check_sem_seg_dataset_dicts(
+            dataset_dicts,
+            cfg.DATASETS.TRAIN,
+            _num_classes(cfg),
+            cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
+        )
+    else:
+        check_dataset_dicts(dataset_dicts, cfg.DATASETS.TRAIN, _num_classes(cfg))
     return dataset_dicts
 
 
 def _num_classes(cfg: CfgNode) -> int:
+    if cfg.MODEL.META_ARCHITECTURE == "SemanticSegmentor":
+        return cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
     if cfg.MODEL.META_ARCHITECTURE == "RetinaNet":
         return cfg.MODEL.RETINANET.NUM_CLASSES
     return cfg.MODEL.ROI_HEADS.NUM_CLASSES

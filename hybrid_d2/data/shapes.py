@@ -9,6 +9,11 @@ Detectron2's builtin datasets):
 * ``shapes_keypoints/`` COCO keypoints: upright stars with 6 named keypoints, among
   unlabelled clutter shapes.
 * ``shapes_lvis/``      LVIS v1: 8 shape categories with a long-tailed frequency.
+* ``shapes_sem_seg/``   semantic segmentation in the exact ADEChallengeData2016 layout
+  (``images/{training,validation}/*.jpg``, raw labels ``annotations/.../*.png`` with ADE's
+  0 = unlabelled, and ``annotations_detectron2/`` written from them by the ADE20K conversion):
+  background and the 5 shapes; object boundaries and "cross" clutter shapes are unlabelled, so
+  that the ignore value 255 reaches the loss, the crop, the padding and the evaluation.
 
 Generation is deterministic (seeded per image) and atomic: a dataset is written to a temporary
 folder next to its target and renamed into place once complete; ``MANIFEST.json``, written
@@ -30,13 +35,17 @@ import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import (
     load_lvis_json,
+    load_sem_seg,
     register_coco_instances,
     register_lvis_instances,
 )
 
+from .ade20k import ADE20K_SPLITS, CONVERTED_DIR, RAW_DIR, convert_ade20k_annotations
+
 __all__ = [
     "IncompleteDatasetError",
     "SHAPES_DATASET_NAMES",
+    "SHAPES_SEM_SEG_DATASET_NAMES",
     "SPLIT_SIZES",
     "ensure_shapes_dataset",
     "is_shapes_dataset",
@@ -75,6 +84,15 @@ CATEGORY_COLORS = {
     "ellipse": [70, 240, 240],
     "cross": [240, 50, 230],
 }
+
+# shapes_sem_seg: ADE-style raw label values are 0 (unlabelled), then 1 + the index in this list.
+SEM_SEG_CLASSES = ["background"] + SHAPE_CATEGORIES
+SEM_SEG_COLORS = [[120, 120, 120]] + [CATEGORY_COLORS[c] for c in SHAPE_CATEGORIES]
+SEM_SEG_CLUTTER = "cross"  # drawn, left unlabelled
+SEM_SEG_CLUTTER_PER_IMAGE = (0, 2)
+SEM_SEG_OBJECTS_PER_IMAGE = (3, 6)
+SEM_SEG_OBJECT_SIZE_RANGE = (32, 96)
+SEM_SEG_IGNORE_VALUE = 255
 
 KEYPOINT_CATEGORY = "star"
 KEYPOINT_DISTRACTORS = ["circle", "square", "triangle", "hexagon"]
@@ -319,6 +337,31 @@ def _lvis_specs(rng: np.random.Generator, image_index: int) -> List[_ObjectSpec]
     return [_ObjectSpec(c) for c in categories]
 
 
+def _sem_seg_specs(rng: np.random.Generator, image_index: int) -> List[_ObjectSpec]:
+    """3-6 larger shapes (so that a third of the pixels are objects, not background), then up to
+    two unlabelled clutter crosses on top."""
+    count = rng.integers(SEM_SEG_OBJECTS_PER_IMAGE[0], SEM_SEG_OBJECTS_PER_IMAGE[1] + 1)
+    shapes = [
+        _ObjectSpec(str(c), size_range=SEM_SEG_OBJECT_SIZE_RANGE)
+        for c in rng.choice(SHAPE_CATEGORIES, size=count)
+    ]
+    clutter = rng.integers(SEM_SEG_CLUTTER_PER_IMAGE[0], SEM_SEG_CLUTTER_PER_IMAGE[1] + 1)
+    return shapes + [_ObjectSpec(SEM_SEG_CLUTTER, annotated=False) for _ in range(clutter)]
+
+
+def _raw_sem_seg_label(rendered: _RenderedImage) -> np.ndarray:
+    """ADE-style uint8 label: 1 + class index; 0 on clutter and on a band along every boundary
+    between two regions (pixels whose 3x3 neighbourhood holds another region)."""
+    label = np.full(rendered.id_map.shape, SEM_SEG_CLASSES.index("background") + 1, np.uint8)
+    for obj in rendered.objects:
+        value = SEM_SEG_CLASSES.index(obj.spec.category) + 1 if obj.spec.annotated else 0
+        label[rendered.id_map == obj.index] = value
+    ids = rendered.id_map.astype(np.float32)
+    kernel = np.ones((3, 3), np.uint8)
+    label[cv2.dilate(ids, kernel) != cv2.erode(ids, kernel)] = 0
+    return label
+
+
 # ---------------------------------------------------------------- dataset files
 
 
@@ -347,18 +390,24 @@ _KINDS = {
 }
 SPLITS = tuple(SPLIT_SIZES)
 SHAPES_DATASET_NAMES = [f"{kind}_{split}" for kind in _KINDS for split in SPLITS]
+_SEM_SEG_KIND = _Kind("shapes_sem_seg", 4, "", SEM_SEG_CLASSES, _sem_seg_specs)
+SHAPES_SEM_SEG_DATASET_NAMES = [f"{_SEM_SEG_KIND.name}_{split}" for split in SPLITS]
+_ALL_KINDS = {**_KINDS, _SEM_SEG_KIND.name: _SEM_SEG_KIND}
+_ADE_SPLIT_DIRS = dict(zip(SPLITS, ADE20K_SPLITS))  # train -> training, val -> validation
 
 
-def _render_split(kind: _Kind, split: str, dataset_dir: Path):
-    """Render and write the images of a split; yield (rng, file_name, rendered) per image."""
-    image_dir = dataset_dir / split
+def _render_split(
+    kind: _Kind, split: str, image_dir: Path, file_pattern: str = "{:06d}.png"
+):
+    """Render and write the images of a split into ``image_dir``, named ``file_pattern`` of the
+    1-based index; yield (rng, file_name, rendered) per image."""
     image_dir.mkdir(parents=True)
     for index in range(SPLIT_SIZES[split]):
         rng = np.random.default_rng([kind.seed, SPLITS.index(split), index])
         sides = rng.integers(IMAGE_SIDE_RANGE[0], IMAGE_SIDE_RANGE[1] + 1, size=2)
         height, width = int(sides[0]), int(sides[1])
         rendered = _render(rng, kind.specs(rng, index), height, width)
-        file_name = f"{index + 1:06d}.png"
+        file_name = file_pattern.format(index + 1)
         if not cv2.imwrite(str(image_dir / file_name), rendered.image):
             raise OSError(f"Could not write {image_dir / file_name}")
         yield rng, file_name, rendered
@@ -385,7 +434,7 @@ def _coco_split(kind: _Kind, split: str, dataset_dir: Path) -> dict:
     """Write the images of a COCO-format split and return its JSON content."""
     images, annotations = [], []
     category_ids = {name: i + 1 for i, name in enumerate(kind.categories)}
-    for _, file_name, rendered in _render_split(kind, split, dataset_dir):
+    for _, file_name, rendered in _render_split(kind, split, dataset_dir / split):
         image_id = len(images) + 1
         images.append(_image_entry(image_id, file_name, rendered))
         for obj in rendered.objects:
@@ -411,7 +460,7 @@ def _coco_split(kind: _Kind, split: str, dataset_dir: Path) -> dict:
 def _lvis_split(kind: _Kind, split: str, dataset_dir: Path) -> dict:
     """Write the images of an LVIS-format split; return its JSON content without categories."""
     images, annotations = [], []
-    for rng, file_name, rendered in _render_split(kind, split, dataset_dir):
+    for rng, file_name, rendered in _render_split(kind, split, dataset_dir / split):
         image_id = len(images) + 1
         present = set()
         for obj in rendered.objects:
@@ -464,6 +513,26 @@ def _lvis_categories(train: dict) -> List[dict]:
     return categories
 
 
+def _sem_seg_split(kind: _Kind, split: str, dataset_dir: Path) -> dict:
+    """Write the images and raw labels of a split in the ADEChallengeData2016 layout; return the
+    manifest entry: image count, each image's (height, width), unlabelled pixels."""
+    ade_split = _ADE_SPLIT_DIRS[split]
+    label_dir = dataset_dir / RAW_DIR / ade_split
+    label_dir.mkdir(parents=True)
+    pattern = f"SHAPES_{split}_{{:08d}}.jpg"  # as ADE_train_00000001.jpg
+    sizes, unlabelled = {}, 0
+    for _, file_name, rendered in _render_split(
+        kind, split, dataset_dir / "images" / ade_split, pattern
+    ):
+        stem = os.path.splitext(file_name)[0]
+        label = _raw_sem_seg_label(rendered)
+        if not cv2.imwrite(str(label_dir / f"{stem}.png"), label):
+            raise OSError(f"Could not write {label_dir / stem}.png")
+        sizes[stem] = list(label.shape)
+        unlabelled += int((label == 0).sum())
+    return {"images": len(sizes), "sizes": sizes, "unlabelled_pixels": unlabelled}
+
+
 def _write_json(content: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
@@ -472,6 +541,12 @@ def _write_json(content: dict, path: Path) -> None:
 
 def _write_dataset(kind: _Kind, dataset_dir: Path) -> None:
     """Write all splits of a dataset, then its manifest."""
+    if kind.name == _SEM_SEG_KIND.name:
+        splits = {split: _sem_seg_split(kind, split, dataset_dir) for split in SPLITS}
+        convert_ade20k_annotations(dataset_dir, num_classes=len(SEM_SEG_CLASSES))
+        manifest = {"generator": __name__, "format_version": FORMAT_VERSION, "splits": splits}
+        _write_json(manifest, dataset_dir / MANIFEST_NAME)
+        return
     if kind.name == "shapes_lvis":
         contents = {split: _lvis_split(kind, split, dataset_dir) for split in SPLITS}
         categories = _lvis_categories(contents["train"])
@@ -519,8 +594,8 @@ def _validate(kind: _Kind, dataset_dir: Path) -> None:
             f"{dataset_dir} was generated by another version of {__name__} "
             f"(format {manifest.get('format_version')}, images {expected_counts}). {advice}"
         )
-    missing = []
-    for split in SPLITS:
+    missing = _missing_sem_seg_files(dataset_dir) if kind.name == _SEM_SEG_KIND.name else []
+    for split in SPLITS if kind.name != _SEM_SEG_KIND.name else ():
         json_file = dataset_dir / kind.json_pattern.format(split)
         if not json_file.is_file():
             missing.append(str(json_file))
@@ -532,6 +607,19 @@ def _validate(kind: _Kind, dataset_dir: Path) -> None:
         raise IncompleteDatasetError(
             f"{dataset_dir} is incomplete, missing: {', '.join(missing)}. {advice}"
         )
+
+
+def _missing_sem_seg_files(dataset_dir: Path) -> List[str]:
+    """The folders of a shapes_sem_seg dataset without their full count of files."""
+    missing = []
+    for split in SPLITS:
+        ade_split = _ADE_SPLIT_DIRS[split]
+        for folder, ext in (("images", "jpg"), (RAW_DIR, "png"), (CONVERTED_DIR, "png")):
+            path = dataset_dir / folder / ade_split
+            count = len(list(path.glob(f"*.{ext}"))) if path.is_dir() else 0
+            if count != SPLIT_SIZES[split]:
+                missing.append(f"{path} ({count} of {SPLIT_SIZES[split]} {ext.upper()} files)")
+    return missing
 
 
 def _temp_prefix(kind: _Kind) -> str:
@@ -581,15 +669,16 @@ _registered_roots: Dict[str, str] = {}
 
 
 def _kind_of(name_or_kind: str) -> _Kind:
-    for kind in _KINDS.values():
+    for kind in _ALL_KINDS.values():
         if name_or_kind == kind.name or name_or_kind in (f"{kind.name}_{s}" for s in SPLITS):
             return kind
-    raise KeyError(f"{name_or_kind!r} is not a shapes dataset; known: {SHAPES_DATASET_NAMES}")
+    known = SHAPES_DATASET_NAMES + SHAPES_SEM_SEG_DATASET_NAMES
+    raise KeyError(f"{name_or_kind!r} is not a shapes dataset; known: {known}")
 
 
 def is_shapes_dataset(name: str) -> bool:
-    """Whether `name` is one of the generated shapes datasets."""
-    return name in SHAPES_DATASET_NAMES
+    """Whether `name` is one of the generated shapes datasets (detection or semantic)."""
+    return name in SHAPES_DATASET_NAMES or name in SHAPES_SEM_SEG_DATASET_NAMES
 
 
 def ensure_shapes_dataset(
@@ -651,8 +740,46 @@ def _lazy_loader(
     return ensure_and_load
 
 
+def _load_sem_seg_records(dataset_dir: Path, split: str) -> List[dict]:
+    """Detectron2's ``load_sem_seg`` records, with each image's height and width from the
+    manifest (no image is read)."""
+    ade_split = _ADE_SPLIT_DIRS[split]
+    records = load_sem_seg(
+        str(dataset_dir / CONVERTED_DIR / ade_split),
+        str(dataset_dir / "images" / ade_split),
+        gt_ext="png",
+        image_ext="jpg",
+    )
+    sizes = _read_manifest(dataset_dir)["splits"][split]["sizes"]
+    for record in records:
+        record["height"], record["width"] = sizes[Path(record["file_name"]).stem]
+    return records
+
+
+def _register_sem_seg(split: str, root: str) -> None:
+    """shapes_sem_seg_<split>, with the metadata of Detectron2's ADE20K registration."""
+    name = f"{_SEM_SEG_KIND.name}_{split}"
+    dataset_dir = Path(root) / _SEM_SEG_KIND.name
+
+    def ensure_and_load() -> List[dict]:
+        return _load_sem_seg_records(ensure_shapes_dataset(_SEM_SEG_KIND.name, root), split)
+
+    DatasetCatalog.register(name, ensure_and_load)
+    MetadataCatalog.get(name).set(
+        stuff_classes=list(SEM_SEG_CLASSES),
+        stuff_colors=[list(c) for c in SEM_SEG_COLORS],
+        image_root=str(dataset_dir / "images" / _ADE_SPLIT_DIRS[split]),
+        sem_seg_root=str(dataset_dir / CONVERTED_DIR / _ADE_SPLIT_DIRS[split]),
+        evaluator_type="sem_seg",
+        ignore_label=SEM_SEG_IGNORE_VALUE,
+    )
+
+
 def _register(kind: _Kind, split: str, root: str) -> None:
     name = f"{kind.name}_{split}"
+    if kind.name == _SEM_SEG_KIND.name:
+        _register_sem_seg(split, root)
+        return
     json_file = os.path.join(root, kind.name, kind.json_pattern.format(split))
     if kind.name == "shapes_lvis":
         # load_lvis_json appends the split folder of "coco_url" to image_root by concatenation.
@@ -670,14 +797,14 @@ def _register(kind: _Kind, split: str, root: str) -> None:
 
 def register_shapes_datasets(root: Optional[str] = None) -> None:
     """
-    Register the six shapes datasets ("shapes_train", "shapes_val", "shapes_keypoints_train",
-    "shapes_keypoints_val", "shapes_lvis_train", "shapes_lvis_val") under `root`
-    (default $DETECTRON2_DATASETS or "datasets"). Files are generated on first
-    DatasetCatalog.get. Names already registered are left as they are.
+    Register the eight shapes datasets ("shapes_train", "shapes_val", "shapes_keypoints_train",
+    "shapes_keypoints_val", "shapes_lvis_train", "shapes_lvis_val", "shapes_sem_seg_train",
+    "shapes_sem_seg_val") under `root` (default $DETECTRON2_DATASETS or "datasets"). Files are
+    generated on first DatasetCatalog.get. Names already registered are left as they are.
     """
     root = root if root is not None else _default_root()
     registered = set(DatasetCatalog.list())
-    for kind in _KINDS.values():
+    for kind in _ALL_KINDS.values():
         for split in SPLITS:
             if f"{kind.name}_{split}" not in registered:
                 _register(kind, split, root)

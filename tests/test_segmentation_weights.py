@@ -23,7 +23,8 @@ def _assert_backbone_is_the_file(config: str, weights, expected_outputs, monkeyp
     # Missing: the heads, Semantic FPN's neck and the wrapper's output LayerNorms (new layers,
     # not in an ImageNet network, as for the detectors); nothing of the network itself.
     missing = [k for k in incompatible.missing_keys if k.startswith("backbone.bottom_up.")]
-    assert missing and all(k.startswith("backbone.bottom_up.output_norms.") for k in missing), missing
+    output_norms = "backbone.bottom_up.output_norms."
+    assert missing and all(k.startswith(output_norms) for k in missing), missing
 
     written = torch.load(weights, weights_only=True)["model"]
     state = model.state_dict()

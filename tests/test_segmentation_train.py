@@ -1,7 +1,7 @@
 """train_net.py on semantic segmentation: training with SemSegEvaluator after it (single-scale and
-multi-scale + flip), --eval-only reproducing it, exact resume after kill -9 (1 process) and from
-a kill's checkpoint (2 processes), and 2 gloo processes computing the gradients of 1 process with
-both images. One short evaluated UperNet run is shared by the evaluation and resume tests."""
+multi-scale + flip), --eval-only reproducing it, exact resume after kill -9 (1 and 2 processes),
+and 2 gloo processes computing the gradients of 1 process with both images. One short evaluated
+UperNet run is shared by the evaluation and resume tests."""
 import functools
 import pickle
 from pathlib import Path
@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from conftest import REPO_ROOT, load_config
 from test_multiprocess import _free_port
-from test_resume import _check_same_run, _killed_after_iteration_2, _launch, _left_at_checkpoint_1
+from test_resume import _check_same_run, _killed_after_iteration_2, _launch
 
 SHAPES = REPO_ROOT / "configs" / "shapes"
 ADE20K = REPO_ROOT / "configs" / "ade20k"
@@ -88,9 +88,9 @@ def test_killed_run_resumes_exactly(upernet_run, shapes_sem_seg_datasets, tmp_pa
 
 
 def test_two_process_run_resumes_exactly(shapes_sem_seg_datasets, tmp_path):
-    """Semantic FPN, 2 processes, resumed from checkpoint 1 of the uninterrupted run (the files a
-    kill between checkpoints 1 and 3 leaves, as above): iterations 2-3 repeat the uninterrupted
-    run's on both ranks' batches, and the final weights are bitwise equal."""
+    """Semantic FPN, 2 processes, SIGKILLed (the whole process group) after iteration 2 and
+    resumed from checkpoint 1: iterations 0-3 have the uninterrupted run's losses and lr (both
+    ranks' batches), and the final weights are bitwise equal."""
     run = functools.partial(
         _launch, datasets_root=shapes_sem_seg_datasets,
         config=SHAPES / "mixformer_b1_semfpn_shapes.yaml", processes=2, overrides=SMALL + NO_EVAL,
@@ -98,10 +98,11 @@ def test_two_process_run_resumes_exactly(shapes_sem_seg_datasets, tmp_path):
     reference, out = tmp_path / "reference", tmp_path / "resumed"
     assert run(reference, tmp_path / "reference.log", resume=False).wait(timeout=300) == 0, (
         (tmp_path / "reference.log").read_text()[-5000:])
-    _left_at_checkpoint_1(reference, out)
+    _killed_after_iteration_2(run, out, tmp_path / "killed.log")
+    assert (out / "last_checkpoint").read_text().strip() == "model_0000001.pth"
     assert run(out, tmp_path / "resumed.log", resume=True).wait(timeout=300) == 0
     assert "Starting training from iteration 2" in (tmp_path / "resumed.log").read_text()
-    _check_same_run(out, reference, MAX_ITER, "semfpn, 2 processes", first=2)
+    _check_same_run(out, reference, MAX_ITER, "semfpn, 2 processes")
 
 
 # --- data parallel ------------------------------------------------------------------------------

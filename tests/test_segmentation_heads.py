@@ -3,11 +3,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from detectron2.layers import ShapeSpec
-from detectron2.modeling import SEM_SEG_HEADS_REGISTRY, Backbone
+from detectron2.modeling import SEM_SEG_HEADS_REGISTRY, Backbone, build_model
 from detectron2.modeling.backbone.fpn import FPN
+from detectron2.utils.events import EventStorage
 from fvcore.nn import parameter_count
 
 from conftest import REPO_ROOT, load_config
+from hybrid_d2.layers.family import FAMILIES
 from hybrid_d2.segmentation import SemanticFPNHead, UperNetHead, sem_seg_loss
 
 SWIN_T_CHANNELS = (96, 192, 384, 768)
@@ -106,3 +108,37 @@ def test_missing_input_feature_is_named():
     cfg = load_config(REPO_ROOT / "configs/ade20k/mixformer_b1_upernet_160k.yaml", ["MODEL.SEM_SEG_HEAD.AUX.IN_FEATURE", "res6"])
     with pytest.raises(ValueError, match=r"MODEL.SEM_SEG_HEAD.AUX.IN_FEATURE=\['res6'\]: the backbone has no"):
         SEM_SEG_HEADS_REGISTRY.get("UperNetHead")(cfg, _shapes())
+
+
+# Both heads over every family's smallest variant, as a config that swaps MODEL.FPN.BOTTOM_UP
+# builds them (DMF has no ADE20K paper row); heads narrowed to 64/32 channels for speed.
+HEAD_CONFIGS = {"upernet": "dmformer_s_upernet_160k.yaml", "semfpn": "dmformer_s_semfpn_40k.yaml"}
+NARROW = [
+    "MODEL.SEM_SEG_HEAD.NUM_CLASSES", 5,
+    "MODEL.SEM_SEG_HEAD.UPERNET.CHANNELS", 64,
+    "MODEL.SEM_SEG_HEAD.AUX.CHANNELS", 32,
+    "MODEL.SEM_SEG_HEAD.CONVS_DIM", 32,
+    "MODEL.FPN.OUT_CHANNELS", 64,
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("head", sorted(HEAD_CONFIGS))
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_both_heads_train_and_infer_over_every_family(family, head):
+    variant = next(iter(FAMILIES[family].variants))
+    swap = ["MODEL.FPN.BOTTOM_UP", f"build_{family}_backbone", f"MODEL.{family.upper()}.VARIANT", variant]
+    torch.manual_seed(0)
+    model = build_model(load_config(REPO_ROOT / "configs/ade20k" / HEAD_CONFIGS[head], NARROW + swap))
+    images = [
+        {"image": torch.randint(0, 256, (3, 64, 96), dtype=torch.uint8), "sem_seg": torch.randint(0, 5, (64, 96))}
+        for _ in range(2)
+    ]
+    with EventStorage():
+        losses = model.train()(images)
+    assert set(losses) == ({"loss_sem_seg", "loss_sem_seg_aux"} if head == "upernet" else {"loss_sem_seg"})
+    assert all(torch.isfinite(loss) for loss in losses.values())
+    sum(losses.values()).backward()
+    assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
+    with torch.no_grad():
+        (output,) = model.eval()([{"image": images[0]["image"], "height": 128, "width": 192}])
+    assert output["sem_seg"].shape == (5, 128, 192) and torch.isfinite(output["sem_seg"]).all()

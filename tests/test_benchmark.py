@@ -10,12 +10,13 @@ from typing import Dict, List, Sequence
 
 import pytest
 import torch
+from torch import nn
 
 from conftest import REPO_ROOT, run_script
 
 sys.path.insert(0, str(REPO_ROOT / "tools"))
 import benchmark  # noqa: E402
-from benchmarking import detectors, detectron  # noqa: E402
+from benchmarking import detectors, detectron, profiling  # noqa: E402
 
 TINY = ["--height", "64", "--width", "96", "--warmup", "0", "--rounds", "1", "--threads", "1"]
 R50, RESNET, R50_UPERNET = "R50 Mask R-CNN", "ResNet-50 (Detectron2)", "R50 UperNet"
@@ -215,3 +216,37 @@ def test_profile_groups_forward_and_backward_by_module(tmp_path):
     assert depthwise_backward and {row[1] for row in depthwise_backward} == {
         "DMFormerBlock.dma backward"
     }
+
+
+class Anchors(nn.Module):
+    """Operators that make no autograd node (as Detectron2's anchor generator)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.arange(x.shape[-1], dtype=x.dtype) * 2 + 1
+
+
+class TwoParts(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.anchors, self.conv = Anchors(), nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        anchors = self.anchors(x).sum()
+        return self.conv(x).sum() + anchors
+
+
+def test_profile_backward_goes_to_the_module_that_made_the_node():
+    """Operators that make no node record the number of the next node made: the convolution's
+    backward belongs to the convolution, not to the module that ran just before it."""
+    model, image = TwoParts(), torch.randn(1, 3, 8, 8)
+    scopes = profiling.ModuleScopes(model, depth=1)
+    profile = profiling.profile_calls(lambda: model(image).backward(), 1, "cpu")
+    scopes.remove()
+    backward_ops = {
+        group
+        for (name, group, _), _ in profile.operators.items()
+        if name == "aten::convolution_backward"
+    }
+    assert backward_ops == {"conv backward"}
+    assert "anchors" in profile.groups and "anchors backward" not in profile.groups
+    assert abs(sum(t.cpu_us for t in profile.groups.values()) - profile.cpu_us) < 1e-6

@@ -58,6 +58,11 @@ def dilateformer_s(stage3_attention: str) -> nn.Module:
     return D2DilateFormer("small", stage3_attention=stage3_attention, window_size=7)
 
 
+def dualformer_s(intra_mode: str) -> nn.Module:
+    """DualFormer-S (FrozenBN, as ResNet-50) with intra-partition mode ``intra_mode``."""
+    return D2DualFormer("small", norm="FrozenBN", intra_mode=intra_mode)
+
+
 def with_reference(
     build: Callable[[], nn.Module], module: str, swap: str
 ) -> Callable[[], nn.Module]:
@@ -102,8 +107,8 @@ BACKBONES.update({
     "DilateFormer-S stage3=mixed, unfold MSDA": Backbone(with_reference(
         partial(dilateformer_s, "mixed"), "dilateformer_reference", "use_unfold_attention"
     ), SWIN),
-    "DualFormer-S intra=pool": Backbone(partial(D2DualFormer, "small", intra_mode="pool"), SWIN),
-    "DualFormer-S intra=token": Backbone(partial(D2DualFormer, "small", intra_mode="token"), SWIN),
+    "DualFormer-S intra=pool": Backbone(partial(dualformer_s, "pool"), SWIN),
+    "DualFormer-S intra=token": Backbone(partial(dualformer_s, "token"), SWIN),
     "DMF-XXS": Backbone(partial(config_backbone, "configs/dmf_xxs_retinanet_1x.yaml"), MOBILENET),
     "DMF-XS": Backbone(partial(config_backbone, "configs/dmf_xs_retinanet_1x.yaml"), MOBILENET),
     "DMF-S, per-sample-loop dynamic conv": Backbone(

@@ -20,6 +20,7 @@ from .timing import progress
 SCOPE = "module::"  # the record_function ranges opened around module forwards
 BACKWARD = "autograd::engine::evaluate_function: "  # the autograd engine's range per node
 OUTSIDE = "(outside modules)"
+ACCUMULATE = "(gradient accumulation)"  # autograd adding gradients into the parameters' .grad
 DEFAULT_SIZE = {"backbone": (512, 768), "detector": (800, 1333)}
 
 
@@ -76,12 +77,13 @@ def event_groups(events: Sequence) -> List[Tuple[str, bool, object]]:
     """(group, called, event) for every profiled CPU event but the memory records: a forward
     event belongs to the innermost module range around it; a backward event (under the autograd
     engine's range of a node) to the module whose forward op made that node (matched by the
-    autograd sequence number), with " backward" added; an optimizer step's to "optimizer".
+    autograd sequence number), with " backward" added, or where the node accumulates a
+    parameter's gradient to "(gradient accumulation)"; an optimizer step's to "optimizer".
     ``called``: the event is an operator called from module code (or the autograd node's
     function), not one that another operator called."""
     forward_group: Dict[int, str] = {}
     placed = []
-    for event in events:
+    for event in sorted(events, key=lambda event: event.time_range.start):
         if event.name == "[memory]":
             continue
         kind, group, node = "forward", OUTSIDE, None
@@ -92,13 +94,17 @@ def event_groups(events: Sequence) -> List[Tuple[str, bool, object]]:
                 break
             if scope.name.startswith(BACKWARD):
                 kind, node = "backward", scope.sequence_nr
+                if scope.name.endswith("AccumulateGrad"):  # a leaf's node: no forward operator
+                    kind, group = "gradients", ACCUMULATE
                 break
             if scope.name.startswith("Optimizer."):
                 kind, group = "optimizer", "optimizer"
                 break
             scope = scope.cpu_parent
         if kind == "forward" and event.sequence_nr >= 0:
-            forward_group.setdefault(event.sequence_nr, group)
+            # Every operator records the thread's next node number; the counter moves on when
+            # an operator makes a node, so the last to record a number is the one that made it.
+            forward_group[event.sequence_nr] = group
         parent = event.cpu_parent
         called = not is_scope(event) and (parent is None or is_scope(parent))
         placed.append((kind, group, node, called, event))
@@ -276,8 +282,9 @@ def profile(args: argparse.Namespace) -> Report:
     "BottleneckBlock.conv1"), elsewhere the module's name cut to 4 parts for a detector and 2 for
     a backbone (e.g. "roi_heads.box_head.fc1", "net.patch_embed"). An operator belongs to the
     innermost range around it; a backward operator to the group of the forward operator that made
-    its autograd node (the profiler's sequence numbers), with " backward" added; the optimizer's
-    to "optimizer"; the rest to "(outside modules)". Self times: the time in an operator not
+    its autograd node (the profiler's sequence numbers), with " backward" added; gradient accumulation
+    into the parameters to "(gradient accumulation)"; the optimizer's to "optimizer"; the rest to
+    "(outside modules)". Self times: the time in an operator not
     spent in the operators it calls, so the groups' self times add up to all the profiled time
     on the calling thread (shares of it; a range's own self time is its module's Python code).
     Self CPU memory: what an operator allocated itself (frees not subtracted); memory left

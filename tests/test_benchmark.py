@@ -16,6 +16,7 @@ from conftest import REPO_ROOT, run_script
 
 sys.path.insert(0, str(REPO_ROOT / "tools"))
 import benchmark  # noqa: E402
+import plot_model_zoo  # noqa: E402
 from benchmarking import detectors, detectron, profiling  # noqa: E402
 
 TINY = ["--height", "64", "--width", "96", "--warmup", "0", "--rounds", "1", "--threads", "1"]
@@ -55,7 +56,7 @@ def test_detectors(tmp_path, monkeypatch):
         held.extend([weakref.ref(runner.model), weakref.ref(runner.optimizer)])
 
     def worker(args, name, memory):
-        seen.append(([ref() is None for ref in held], doc.read_text()))
+        seen.append(([ref() is None for ref in held], doc.read_text(), results.read_text()))
         return run_worker(args, name, memory)
 
     run_worker = detectors.run_worker
@@ -71,9 +72,15 @@ def test_detectors(tmp_path, monkeypatch):
         assert benchmark.main(["detectors", *map(str, args)]) == 0
     finally:
         torch.set_num_threads(threads)
-    [(released, partial)] = seen
+    [(released, partial, partial_json)] = seen
     assert len(released) == 2 and all(released)
     assert "Partial results: written when the training steps on cpu ended" in partial
+    partial_results = tmp_path / "partial.json"
+    partial_results.write_text(partial_json)
+    with pytest.raises(SystemExit, match="partial.json holds a partial run .written when the tr"):
+        plot_model_zoo.main(
+            ["--results", str(partial_results), "--output", str(tmp_path / "p.png")]
+        )
     partial_row = next(row for row in cells(partial) if row[0] == R50)
     assert partial_row[5] == "1.00" and partial_row[6] != "-" and partial_row[7] == "-"
     text = doc.read_text()

@@ -127,7 +127,6 @@ class Totals:
     device_us: float = 0.0
     memory_bytes: float = 0.0
     calls: int = 0
-    shapes: str = ""
 
     def add(self, event: object, inclusive_memory: bool = False) -> None:
         """Count ``event``'s self figures in; memory: what it allocated itself, or with

@@ -9,6 +9,7 @@ from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 from torch import nn
+from torch.autograd import DeviceType
 from torch.autograd.profiler import record_function
 
 from . import backbones as backbone_mode
@@ -74,8 +75,9 @@ def is_scope(event: object) -> bool:
 
 
 def event_groups(events: Sequence) -> List[Tuple[str, bool, object]]:
-    """(group, called, event) for every profiled CPU event but the memory records: a forward
-    event belongs to the innermost module range around it; a backward event (under the autograd
+    """(group, called, event) for every profiled CPU event but the memory records (a device
+    event counts in the CPU operator that launched it): a forward event belongs to the innermost
+    module range around it; a backward event (under the autograd
     engine's range of a node) to the module whose forward op made that node (matched by the
     autograd sequence number), with " backward" added, or where the node accumulates a
     parameter's gradient to "(gradient accumulation)"; an optimizer step's to "optimizer".
@@ -84,8 +86,8 @@ def event_groups(events: Sequence) -> List[Tuple[str, bool, object]]:
     forward_group: Dict[int, str] = {}
     placed = []
     for event in sorted(events, key=lambda event: event.time_range.start):
-        if event.name == "[memory]":
-            continue
+        if event.name == "[memory]" or event.device_type != DeviceType.CPU:
+            continue  # frees outside operators; kernels (counted in the operators that launched them)
         kind, group, node = "forward", OUTSIDE, None
         scope = event
         while scope is not None:

@@ -5,7 +5,6 @@ import argparse
 import os
 from typing import Callable, Dict
 
-import torch
 
 from .detectron import (
     DETECTOR_REFERENCE,
@@ -13,7 +12,9 @@ from .detectron import (
     LATENCY_COLUMNS,
     Runner,
     detector_config,
+    device_settings,
     latency_cells,
+    reference_first,
 )
 from .memory import release_memory, run_worker, status_mib
 from .paths import DOC, RESULTS
@@ -129,12 +130,8 @@ def detectors(args: argparse.Namespace) -> Report:
     tools/plot_model_zoo.py) and docs/benchmarks.md, partially after every stage (GFLOPs and
     inference, training, memory) so that a run stopped later leaves what it measured.
     """
-    if DETECTOR_REFERENCE not in args.models:
-        raise SystemExit(f"--models must include {DETECTOR_REFERENCE!r} (the ratios are to it)")
-    args.models = [DETECTOR_REFERENCE] + [m for m in args.models if m != DETECTOR_REFERENCE]
-    settings = {f"CPU, {args.threads} threads, fp32": ("cpu", False)}
-    if torch.cuda.is_available() and not args.no_cuda:
-        settings.update({"CUDA fp32": ("cuda", False), "CUDA AMP (float16)": ("cuda", True)})
+    args.models = reference_first(args.models, DETECTOR_REFERENCE)
+    settings = device_settings(args)
     results: Dict[str, Dict[str, dict]] = {}
 
     def report() -> Report:

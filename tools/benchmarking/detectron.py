@@ -4,7 +4,7 @@ Detectron2's Swin-T under an FPN), their backbones alone, synthetic inputs, :cla
 
 import argparse
 import os
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from detectron2 import model_zoo as d2_model_zoo
@@ -181,6 +181,22 @@ class Runner:
             "inference_mib": inference.added,
             "train_mib": train.added,
         }
+
+
+def reference_first(models: List[str], reference: str) -> List[str]:
+    """``models`` with ``reference`` first; exits if it is missing (the ratios are to it)."""
+    if reference not in models:
+        raise SystemExit(f"--models must include {reference!r} (the ratios are to it)")
+    return [reference] + [m for m in models if m != reference]
+
+
+def device_settings(args: argparse.Namespace) -> Dict[str, Tuple[str, bool]]:
+    """Setting title: (device, AMP): CPU fp32, and with a GPU (unless ``--no-cuda``) CUDA fp32
+    and AMP (float16 autocast)."""
+    settings = {f"CPU, {args.threads} threads, fp32": ("cpu", False)}
+    if torch.cuda.is_available() and not args.no_cuda:
+        settings.update({"CUDA fp32": ("cuda", False), "CUDA AMP (float16)": ("cuda", True)})
+    return settings
 
 
 LATENCY_COLUMNS = [

@@ -5,12 +5,18 @@ import argparse
 import os
 from typing import Any, Dict, Tuple
 
-import torch
 from detectron2.config import CfgNode
 
 from hybrid_d2 import get_config
 
-from .detectron import LATENCY_COLUMNS, Runner, latency_cells, without_sync_bn
+from .detectron import (
+    LATENCY_COLUMNS,
+    Runner,
+    device_settings,
+    latency_cells,
+    reference_first,
+    without_sync_bn,
+)
 from .paths import REPO_ROOT
 from .registry import mode, models_option, option
 from .report import Report, Table
@@ -106,12 +112,8 @@ def segmentation(args: argparse.Namespace) -> Report:
     head) at the benchmark size; "× R50 latency per GFLOP" = (latency / GFLOPs) over R50's
     (bold above 1.3). CUDA (fp32 and AMP float16) runs too when a GPU is present.
     """
-    if SEGMENTOR_REFERENCE not in args.models:
-        raise SystemExit(f"--models must include {SEGMENTOR_REFERENCE!r} (the ratios are to it)")
-    args.models = [SEGMENTOR_REFERENCE] + [m for m in args.models if m != SEGMENTOR_REFERENCE]
-    settings = {f"CPU, {args.threads} threads, fp32": ("cpu", False)}
-    if torch.cuda.is_available() and not args.no_cuda:
-        settings.update({"CUDA fp32": ("cuda", False), "CUDA AMP (float16)": ("cuda", True)})
+    args.models = reference_first(args.models, SEGMENTOR_REFERENCE)
+    settings = device_settings(args)
     results = {}
     for setting, (device, amp) in settings.items():
         progress(f"{setting}:")

@@ -116,6 +116,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if os.path.exists(args.results):
         with open(args.results) as f:
             run = json.load(f)
+        if run.get("partial"):
+            raise SystemExit(
+                f"plot_model_zoo: {args.results} holds a partial run (written when "
+                f"{run['partial']} ended); plot from a finished tools/benchmark.py detectors run"
+            )
         setting = args.setting or next(iter(run["results"]))
         if setting not in run["results"]:
             raise SystemExit(

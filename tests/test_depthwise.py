@@ -91,6 +91,9 @@ def test_the_fast_path_is_taken_where_it_pays_and_nowhere_else():
     assert not uses_fast_path(x, weight[3], (1, 1), (1, 1), (1, 1))
     assert not uses_fast_path(x, weight[5], (2, 2), (1, 1), (2, 2))
     assert not uses_fast_path(x, weight[5], (0, 0), (1, 1), (1, 1))
+    # a 1x1 sub-grid would make the kernel gradient a grouped 1x1 conv, run group by group
+    assert not uses_fast_path(torch.randn(1, 4, 3, 2), weight[3], (3, 3), (3, 3), (1, 1))
+    assert uses_fast_path(torch.randn(1, 4, 4, 2), weight[3], (3, 3), (3, 3), (1, 1))
 
 
 def test_tracing_records_one_convolution_for_flop_counting():

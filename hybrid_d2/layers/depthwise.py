@@ -95,12 +95,16 @@ def uses_fast_path(
 ) -> bool:
     """Whether :func:`depthwise_conv2d` takes the decomposed CPU path for these arguments: CPU,
     not traced, odd square kernel with "same" padding, stride 1, and a kernel of 5 or more or a
-    dilation (oneDNN's own 3x3 undilated backward is the faster one)."""
+    dilation (oneDNN's own 3x3 undilated backward is the faster one), on sub-grids of more than
+    one pixel (PyTorch runs a grouped convolution with a 1x1 kernel, as the kernel gradient's would
+    be, one group at a time)."""
     if torch.jit.is_tracing() or torch.jit.is_scripting() or x.device.type != "cpu":
         return False
     kernel = weight.shape[-2:]
+    subgrid_pixels = -(-x.shape[-2] // dilation[0]) * -(-x.shape[-1] // dilation[0])
     return (
         (kernel[0] >= 5 or dilation[0] > 1)
+        and subgrid_pixels > 1
         and kernel[0] == kernel[1]
         and kernel[0] % 2 == 1
         and weight.shape[0] == x.shape[1]

@@ -59,9 +59,10 @@ def dmformer_branches(args: argparse.Namespace) -> Report:
     For the DMA input of the first block of each stage (r * C channels at stride 4 ... 32 of one
     image), times DilatedBranches in each form and memory format, in inference (no_grad) and in
     training (forward + backward, batch 2 at a quarter of the image area), and the whole
-    DMFormer-S backbone in inference with branches="auto" against "separate". The variants of one
-    measurement run alternately in one process, one call each per round, after the warm-up
-    rounds; the table gives the median over the rounds and the spread (min-max) in ms.
+    DMFormer-S backbone in inference with branches="fused" against "separate" (what "auto" runs).
+    The variants of one measurement run alternately in one process, one call each per round,
+    after the warm-up rounds; the table gives the median over the rounds and the spread (min-max)
+    in ms.
     """
     table = Table(["measurement", "variant", "median ms", "min-max ms"])
     for stage, dim in enumerate(DIMS):
@@ -76,8 +77,8 @@ def dmformer_branches(args: argparse.Namespace) -> Report:
         title = f"training, stage {stage + 1} (2x{channels}x{size[0]}x{size[1]})"
         table.rows += branch_rows(title, branch_calls(channels, size, 2, True), args)
     torch.manual_seed(0)
-    models = {b: D2DMFormer("s", branches=b).eval() for b in ("auto", "separate")}
-    models["separate"].load_state_dict(models["auto"].state_dict())
+    models = {b: D2DMFormer("s", branches=b).eval() for b in ("fused", "separate")}
+    models["separate"].load_state_dict(models["fused"].state_dict())
     image = torch.randn(1, 3, args.height, args.width)
     calls = {f"DMFormer-S branches={m}": inference(model, image) for m, model in models.items()}
     table.rows += branch_rows("inference, whole backbone", calls, args)

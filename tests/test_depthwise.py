@@ -113,3 +113,13 @@ def test_the_function_form_matches_f_conv2d(dilation):
     torch.testing.assert_close(
         depthwise_conv2d(x, weight, None, padding, (dilation, dilation)), expected
     )
+
+
+def test_training_keeps_the_input_and_kernel_only_as_nn_conv2d_does():
+    """The sub-grids are rebuilt in the backward: autograd saves the input tensor itself."""
+    module = DepthwiseConv2d(8, 7, dilation=3)
+    x = torch.randn(2, 8, 20, 22, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        module(x)
+    assert sorted(t.data_ptr() for t in saved) == sorted([x.data_ptr(), module.weight.data_ptr()])

@@ -1,19 +1,20 @@
 """Depth-wise convolution with a fast CPU backward, computing exactly ``nn.Conv2d``'s function.
 
-PyTorch's CPU depth-wise convolution (oneDNN) is fast forward, but its backward is 5-20x slower
-than its forward, and a *dilated* depth-wise convolution is slow both ways (DMFormer's 7x7
-dilation-3 branch on a (2, 1280, 32, 48) map: about 20x the undilated forward, and its backward
-about 10x that; docs/benchmarks.md, "Where the time goes"). :class:`DepthwiseConv2d` keeps
+PyTorch's CPU depth-wise convolution (oneDNN) is fast forward on undilated kernels, but its
+backward costs several times its forward, and a *dilated* depth-wise convolution is slow both
+ways: 90% of a DMFormer-S training step went to the backward of its 5x5 and 7x7 dilated
+branches (docs/benchmarks.md, "Where the time goes"). :class:`DepthwiseConv2d` keeps
 ``nn.Conv2d``'s parameters, state dict and module name, and on CPU computes the same convolution
 as two fast operations:
 
 * a dilation d becomes none by *space-to-batch*: the d x d sub-grids of the (zero-padded) map are
   moved into the batch and convolved with the undilated kernel (a dilated convolution reads only
   one sub-grid for each output pixel), then moved back;
-* the undilated convolution runs as one autograd function whose backward is two forward
-  convolutions: the input gradient is the output gradient convolved with the kernel turned by
-  180 degrees, and the kernel gradient is a grouped convolution of the input (channels x batch as
-  groups' inputs) with the output gradient as kernel, one output pixel per kernel tap.
+* the backward is two forward convolutions: the input gradient is the output gradient convolved
+  with the kernel turned by 180 degrees, and the kernel gradient is a grouped convolution of the
+  input (channels x batch as groups' inputs) with the output gradient as kernel, one output pixel
+  per kernel tap. Autograd saves the input itself, as for ``nn.Conv2d``; the sub-grids are
+  rebuilt in the backward.
 
 Sums are taken in another order than oneDNN's, so results agree to float32 round-off. CUDA,
 TorchScript tracing (fvcore's FLOP counting) and any layout other than odd kernels with "same"
@@ -29,30 +30,36 @@ from torch import nn
 __all__ = ["DepthwiseConv2d", "depthwise_conv2d"]
 
 
-class _SameDepthwiseConv(torch.autograd.Function):
-    """Undilated, stride-1, odd-kernel depth-wise convolution with "same" zero padding; its
-    backward is two forward convolutions (faster than oneDNN's depth-wise backward on CPU)."""
+class _DepthwiseConv(torch.autograd.Function):
+    """Stride-1, odd-kernel depth-wise convolution with "same" zero padding and dilation d, run
+    on the d x d sub-grids; its backward is two forward convolutions (faster than oneDNN's
+    depth-wise backward on CPU). It saves the input as given, not its sub-grids, so that training
+    keeps no more than ``nn.Conv2d`` does (the sub-grids are rebuilt in the backward)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]):
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], d: int):
         ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        return F.conv2d(x, weight, bias, padding=weight.shape[-1] // 2, groups=x.shape[1])
+        ctx.has_bias, ctx.dilation = bias is not None, d
+        pad = weight.shape[-1] // 2
+        out = F.conv2d(_to_subgrids(x, d), weight, bias, padding=pad, groups=x.shape[1])
+        return _from_subgrids(out, d, x.shape[-2:])
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         x, weight = ctx.saved_tensors
+        d, pad = ctx.dilation, weight.shape[-1] // 2
+        grad_out = _to_subgrids(grad_out, d)
         grad_x = grad_weight = grad_bias = None
-        pad = weight.shape[-1] // 2
         if ctx.needs_input_grad[0]:
             # the transpose of a stride-1 "same" correlation: correlate with the turned kernel
             turned = weight.flip(-1, -2)
             grad_x = F.conv2d(grad_out, turned, padding=pad, groups=x.shape[1])
+            grad_x = _from_subgrids(grad_x, d, x.shape[-2:])
         if ctx.needs_input_grad[1]:
-            grad_weight = _kernel_gradient(x, grad_out, weight.shape[-1])
+            grad_weight = _kernel_gradient(_to_subgrids(x, d), grad_out, weight.shape[-1])
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_out.sum(dim=(0, 2, 3))
-        return grad_x, grad_weight, grad_bias
+        return grad_x, grad_weight, grad_bias, None
 
 
 def _kernel_gradient(x: torch.Tensor, grad_out: torch.Tensor, kernel: int) -> torch.Tensor:
@@ -69,7 +76,9 @@ def _kernel_gradient(x: torch.Tensor, grad_out: torch.Tensor, kernel: int) -> to
 
 def _to_subgrids(x: torch.Tensor, dilation: int) -> torch.Tensor:
     """(B, C, H, W) -> (B * d * d, C, ceil(H / d), ceil(W / d)): the d x d sub-grids of the map,
-    zero-padded on the bottom/right to multiples of d, as batch entries."""
+    zero-padded on the bottom/right to multiples of d, as batch entries (the map itself for d=1)."""
+    if dilation == 1:
+        return x
     batch, channels, height, width = x.shape
     x = F.pad(x, (0, -width % dilation, 0, -height % dilation))
     rows, cols = x.shape[2] // dilation, x.shape[3] // dilation
@@ -79,6 +88,8 @@ def _to_subgrids(x: torch.Tensor, dilation: int) -> torch.Tensor:
 
 def _from_subgrids(x: torch.Tensor, dilation: int, size: Tuple[int, int]) -> torch.Tensor:
     """Inverse of :func:`_to_subgrids`, cropped to ``size``."""
+    if dilation == 1:
+        return x
     grids, channels, rows, cols = x.shape
     batch = grids // (dilation * dilation)
     x = x.view(batch, dilation, dilation, channels, rows, cols).permute(0, 3, 4, 1, 5, 2)
@@ -124,15 +135,11 @@ def depthwise_conv2d(
     stride: Tuple[int, int] = (1, 1),
 ) -> torch.Tensor:
     """``F.conv2d(x, weight, bias, stride, padding, dilation, groups=C)`` for a depth-wise
-    ``weight`` (C, 1, k, k); where :func:`uses_fast_path`, computed by space-to-batch and
-    :class:`_SameDepthwiseConv` (module docstring)."""
+    ``weight`` (C, 1, k, k); where :func:`uses_fast_path`, computed on sub-grids with a backward
+    of forward convolutions (module docstring)."""
     if not uses_fast_path(x, weight, tuple(padding), tuple(dilation), tuple(stride)):
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups=x.shape[1])
-    d = dilation[0]
-    if d == 1:
-        return _SameDepthwiseConv.apply(x, weight, bias)
-    out = _SameDepthwiseConv.apply(_to_subgrids(x, d), weight, bias)
-    return _from_subgrids(out, d, x.shape[-2:])
+    return _DepthwiseConv.apply(x, weight, bias, dilation[0])
 
 
 class DepthwiseConv2d(nn.Conv2d):

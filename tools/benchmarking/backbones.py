@@ -87,6 +87,7 @@ def shipped(name: str, reference: str = SWIN) -> Backbone:
 
 
 DMF_S = shipped("DMF-S RetinaNet", MOBILENET)
+DUALFORMER_B = "configs/dualformer_b_mask_rcnn_3x.yaml"
 # The comparison of issue 25: each family's backbone as its shipped config builds it.
 BACKBONES: Dict[str, Backbone] = {
     SWIN: Backbone(swin_t, SWIN),
@@ -114,7 +115,11 @@ BACKBONES.update({
     "DMF-S, per-sample-loop dynamic conv": Backbone(
         with_reference(DMF_S.build, "dmf_reference", "use_per_sample_loop"), MOBILENET
     ),
-    "DMFormer-S branches=separate": Backbone(partial(D2DMFormer, "s", branches="separate"), SWIN),
+    "DMFormer-S branches=fused": Backbone(partial(D2DMFormer, "s", branches="fused"), SWIN),
+    "DualFormer-B": Backbone(partial(config_backbone, DUALFORMER_B), SWIN),
+    "DualFormer-B USE_CHECKPOINT": Backbone(
+        partial(config_backbone, DUALFORMER_B, ["MODEL.DUALFORMER.USE_CHECKPOINT", True]), SWIN
+    ),
 })  # fmt: skip
 
 

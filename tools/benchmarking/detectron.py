@@ -4,7 +4,7 @@ Detectron2's Swin-T under an FPN), their backbones alone, synthetic inputs, :cla
 
 import argparse
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from detectron2 import model_zoo as d2_model_zoo
@@ -98,9 +98,11 @@ def detector_backbone(name: str) -> nn.Module:
     return bottom_up(detector_config(name, "cpu"))
 
 
-def config_backbone(path: str) -> nn.Module:
-    """The bottom-up network of hybrid_d2 config ``path`` (:func:`bottom_up`), one-process norms."""
+def config_backbone(path: str, overrides: Sequence[object] = ()) -> nn.Module:
+    """The bottom-up network of hybrid_d2 config ``path`` with ``overrides`` (KEY VALUE ...;
+    :func:`bottom_up`), one-process norms."""
     cfg = get_config(os.path.join(REPO_ROOT, path))
+    cfg.merge_from_list(list(overrides))
     without_sync_bn(cfg)
     return bottom_up(cfg)
 

@@ -58,6 +58,7 @@ from hybrid_d2.engine import (
     parse_train_args,
     share_cpu_cores,
 )
+from hybrid_d2.engine.slurm import preemption_hooks
 from hybrid_d2.evaluation import build_evaluator
 from hybrid_d2.segmentation import SemanticSegmentorWithTTA
 from hybrid_d2.solver import build_lr_scheduler, build_optimizer
@@ -332,6 +333,7 @@ def main(args):
             verify_results(cfg, results)
         return results
     trainer = Trainer(cfg)
+    trainer.register_hooks(preemption_hooks())  # SLURM jobs of tools/submit.py
     trainer.resume_or_load(resume=args.resume)
     return trainer.train()
 

@@ -19,6 +19,7 @@ from detectron2.utils import comm
 
 from ..checkpoint import CheckpointLoadError, CheckpointMismatchError, SafeCheckpointer
 from ..config import ConfigError
+from .slurm import Preempted
 
 __all__ = [
     "LOCK_FILE_NAME",
@@ -89,7 +90,9 @@ def check_run_config(cfg: CfgNode, eval_only: bool) -> None:
             is not a checkpoint, or an OUTPUT_DIR that cannot be created or written.
     """
     if not eval_only and cfg.SOLVER.MAX_ITER <= 0:
-        raise UsageError(f"SOLVER.MAX_ITER={cfg.SOLVER.MAX_ITER}: training needs at least 1 iteration")
+        raise UsageError(
+            f"SOLVER.MAX_ITER={cfg.SOLVER.MAX_ITER}: training needs at least 1 iteration"
+        )
     weights = cfg.MODEL.WEIGHTS
     if weights and "://" not in weights:
         if not os.path.isfile(weights):
@@ -179,6 +182,10 @@ def _worker(
         _die_with(launcher_pid)
     try:
         main(args)
+    except Preempted as e:  # the preemption checkpoint is saved: end normally
+        logging.getLogger("detectron2").info(
+            f"Process {comm.get_rank()} stopped after iteration {e.args[0]} (preempted)"
+        )
     except USER_ERRORS as e:
         prefix = f"process {comm.get_rank()}: " if comm.get_world_size() > 1 else ""
         print(f"error: {prefix}{e}", file=sys.stderr, flush=True)

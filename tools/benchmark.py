@@ -46,6 +46,12 @@ training step on synthetic instances, GFLOPs, memory), :func:`latency_cells` (GF
 with their ratios to a reference, latency per GFLOP) and :func:`detector_table`.
 """
 
+import warnings
+
+warnings.filterwarnings(  # Detectron2's dependencies' torch.jit use, at import time
+    "ignore", r"`torch\.jit\.(script|interface)` is deprecated", FutureWarning, r"torch\.jit\."
+)
+
 import argparse
 import copy
 import datetime

@@ -15,10 +15,10 @@ warnings.filterwarnings(  # Detectron2's dependencies' torch.jit use, at import 
     "ignore", r"`torch\.jit\.(script|interface)` is deprecated", FutureWarning, r"torch\.jit\."
 )
 
-import sys  # noqa: E402
-from typing import List, Optional  # noqa: E402
+import sys
+from typing import List, Optional
 
-from hybrid_d2.engine.slurm import parse_submit_args, submit  # noqa: E402
+from hybrid_d2.engine.slurm import parse_submit_args, submit
 
 
 def main(argv: Optional[List[str]] = None) -> int:

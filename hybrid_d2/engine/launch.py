@@ -30,6 +30,7 @@ __all__ = [
     "launch_workers",
     "parse_train_args",
     "share_cpu_cores",
+    "untrained_warning",
 ]
 
 logger = logging.getLogger(__name__)
@@ -99,6 +100,18 @@ def check_run_config(cfg: CfgNode, eval_only: bool) -> None:
             raise UsageError(f"MODEL.WEIGHTS: file not found: {weights}")
         _check_readable_checkpoint(weights)
     _check_writable_dir(cfg.OUTPUT_DIR)
+
+
+def untrained_warning(cfg: CfgNode, resume: bool = False) -> Optional[str]:
+    """The line to print when a model for inference gets no weights: MODEL.WEIGHTS empty (and,
+    with ``resume``, no checkpoint in OUTPUT_DIR); None otherwise."""
+    checkpoint = os.path.join(cfg.OUTPUT_DIR, "last_checkpoint")  # what --resume loads
+    if cfg.MODEL.WEIGHTS or (resume and os.path.isfile(checkpoint)):
+        return None
+    return (
+        "warning: MODEL.WEIGHTS is empty: the model is untrained (random weights) and its "
+        "predictions are meaningless; add MODEL.WEIGHTS <checkpoint>"
+    )
 
 
 def _check_readable_checkpoint(path: str) -> None:

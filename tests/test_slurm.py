@@ -83,19 +83,24 @@ def test_preempted_job_is_requeued_and_resumes_exactly(job_env, tmp_path):
     out = tmp_path / "preempted"
     job = _submit(tmp_path / "jobs", out)
     # the uninterrupted reference meanwhile: the same 2 gloo processes, on one Detectron2 machine
-    reference = subprocess.run(
+    reference = subprocess.Popen(
         [sys.executable, str(REPO_ROOT / "train_net.py"), "--num-gpus", "2",
          "--config-file", str(SHAPES_CONFIG), *map(str, OVERRIDES),
          "OUTPUT_DIR", str(tmp_path / "reference")],
-        capture_output=True, text=True, timeout=TIMEOUT_S,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    assert reference.returncode == 0, reference.stderr[-3000:]
-    _wait_for_log(job, r"\biter: 1\b")
-    with pytest.raises(UsageError, match="is in use by another run"):
-        OutputDirLock(str(out))  # a second run in the job's OUTPUT_DIR is refused
-    for pid in _tasks(job):  # as SLURM: every task gets the signal
-        os.kill(pid, signal.SIGUSR2)
-    job.results()  # the requeued job's
+    try:
+        _wait_for_log(job, r"\biter: 1\b")
+        with pytest.raises(UsageError, match="is in use by another run"):
+            OutputDirLock(str(out))  # a second run in the job's OUTPUT_DIR is refused
+        for pid in _tasks(job):  # as SLURM: every task gets the signal
+            os.kill(pid, signal.SIGUSR2)
+        job.results()  # the requeued job's
+        _, stderr = reference.communicate(timeout=TIMEOUT_S)
+        assert reference.returncode == 0, stderr[-3000:]
+    finally:
+        if reference.poll() is None:
+            reference.kill()
     log = job.task(0).paths.stdout.read_text()
     saved = re.search(r"Checkpoint saved after iteration (\d+); requeuing", log)
     assert saved, log[-3000:]

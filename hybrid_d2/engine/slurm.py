@@ -34,6 +34,7 @@ import time
 import zlib
 from typing import Any, Dict, List, Optional, Sequence
 
+import cloudpickle
 import submitit
 from submitit.helpers import DelayedSubmission
 import torch
@@ -255,6 +256,9 @@ def submit(
         **({"slurm_partition": partition} if partition else {}),
     )
     argv = ["--num-gpus", str(processes), *train_argv]
+    # TrainingJob travels by value: a task then needs submitit only, not hybrid_d2 (whose import
+    # takes seconds, Detectron2's and timm's included); train_net.py imports it
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
     return executor.submit(TrainingJob(script, argv))
 
 

@@ -2,12 +2,15 @@
 Detectron2 backbone's four maps with ``feature_info``; ``num_classes=0, global_pool=''`` and
 ``reset_classifier(0, '')`` give the unpooled map; the pretrained config names real modules."""
 
+import re
+
 import pytest
 import timm
 import torch
 from torch import nn
 
 import hybrid_d2.backbones
+from conftest import REPO_ROOT
 from hybrid_d2.checkpoint import CLASSIFIERS
 from hybrid_d2.layers import FAMILIES
 
@@ -140,3 +143,14 @@ def test_forward_intermediates_is_the_feature_getter():
             assert torch.equal(got, want)
     with pytest.raises(ValueError, match="intermediates_only=True"):
         model.forward_intermediates(IMAGE)
+
+
+def test_readme_example_runs_as_written():
+    readme = (REPO_ROOT / "README.md").read_text()
+    section = readme.split("## Using the backbones outside Detectron2", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    namespace = {}
+    with torch.no_grad():
+        exec(code, namespace)
+    assert [m.shape[-1] for m in namespace["maps"]] == [56, 28, 14, 7]
+    assert namespace["trunk"].eval()(torch.randn(1, 3, 64, 64)).ndim == 4

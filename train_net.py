@@ -11,6 +11,13 @@ Training survives faults (docs/reliability.md): checkpoints are written atomical
 NaN/Inf weights, nothing is saved after a failed iteration, and ``--resume`` after a kill
 continues exactly where the last checkpoint left off (same data, augmentations and random draws).
 """
+
+import warnings
+
+warnings.filterwarnings(  # Detectron2's dependencies' torch.jit use, at import time
+    "ignore", r"`torch\.jit\.(script|interface)` is deprecated", FutureWarning, r"torch\.jit\."
+)
+
 import logging
 import os
 import sys
@@ -57,7 +64,9 @@ from hybrid_d2.engine import (
     launch_workers,
     parse_train_args,
     share_cpu_cores,
+    untrained_warning,
 )
+from hybrid_d2.engine.slurm import preemption_hooks
 from hybrid_d2.evaluation import build_evaluator
 from hybrid_d2.segmentation import SemanticSegmentorWithTTA
 from hybrid_d2.solver import build_lr_scheduler, build_optimizer
@@ -332,6 +341,7 @@ def main(args):
             verify_results(cfg, results)
         return results
     trainer = Trainer(cfg)
+    trainer.register_hooks(preemption_hooks())  # SLURM jobs of tools/submit.py
     trainer.resume_or_load(resume=args.resume)
     return trainer.train()
 
@@ -348,6 +358,8 @@ def run(argv=None) -> int:
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.eval_only and (warning := untrained_warning(cfg, args.resume)):
+        print(warning, file=sys.stderr)
     try:
         return launch_workers(main, args)
     finally:

@@ -17,8 +17,14 @@ script and the package would shadow each other depending on how they are importe
 processes (peak memory in a fresh interpreter) run this script too, with ``--worker NAME``.
 """
 
-import os
-import sys
+import warnings
+
+warnings.filterwarnings(  # Detectron2's dependencies' torch.jit use, at import time
+    "ignore", r"`torch\.jit\.(script|interface)` is deprecated", FutureWarning, r"torch\.jit\."
+)
+
+import os  # noqa: E402
+import sys  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchmarking import main, markers  # noqa: E402

@@ -17,6 +17,12 @@ head, without UperNet's auxiliary head (its parameters are counted, as mmseg's g
 Only the text between the BEGIN and END markers of the section (coco or ade20k) is rewritten.
 """
 
+import warnings
+
+warnings.filterwarnings(  # Detectron2's dependencies' torch.jit use, at import time
+    "ignore", r"`torch\.jit\.(script|interface)` is deprecated", FutureWarning, r"torch\.jit\."
+)
+
 import argparse
 import glob
 import os

@@ -7,6 +7,12 @@ reference.
     python tools/plot_model_zoo.py [--results docs/benchmark_results.json] [--output docs/model_zoo.png]
 """
 
+import warnings
+
+warnings.filterwarnings(  # Detectron2's dependencies' torch.jit use, at import time
+    "ignore", r"`torch\.jit\.(script|interface)` is deprecated", FutureWarning, r"torch\.jit\."
+)
+
 import argparse
 import json
 import os

@@ -8,6 +8,7 @@ from .launch import (
     launch_workers,
     parse_train_args,
     share_cpu_cores,
+    untrained_warning,
 )
 from .predictor import SafePredictor
 
@@ -20,4 +21,5 @@ __all__ = [
     "launch_workers",
     "parse_train_args",
     "share_cpu_cores",
+    "untrained_warning",
 ]

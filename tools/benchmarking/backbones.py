@@ -13,8 +13,8 @@ import torchvision
 from detectron2.modeling.backbone.swin import SwinTransformer
 from torch import nn
 
-from hybrid_d2.backbones import D2DilateFormer, D2DMFormer, D2DualFormer
-from hybrid_d2.layers import flop_count_analysis
+from hybrid_d2.backbones import D2DilateFormer, D2DualFormer
+from hybrid_d2.layers import DepthwiseConv2d, flop_count_analysis
 
 from .detectron import DETECTOR_REFERENCE, SWIN_T, config_backbone, detector_backbone
 from .memory import peak_memory, release_memory, run_worker
@@ -81,6 +81,20 @@ def with_reference(
     return build_swapped
 
 
+def with_plain_depthwise(build: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
+    """``build`` whose ``DepthwiseConv2d`` modules run ``nn.Conv2d``'s own forward (PyTorch's
+    depth-wise convolution and its backward, as before issue 25), same weights."""
+
+    def build_plain() -> nn.Module:
+        backbone = build()
+        for module in backbone.modules():
+            if isinstance(module, DepthwiseConv2d):
+                module.forward = partial(nn.Conv2d.forward, module)
+        return backbone
+
+    return build_plain
+
+
 def shipped(name: str, reference: str = SWIN) -> Backbone:
     """The backbone of the detectors mode's detector ``name`` (its shipped config)."""
     return Backbone(partial(detector_backbone, name), reference)
@@ -88,6 +102,7 @@ def shipped(name: str, reference: str = SWIN) -> Backbone:
 
 DMF_S = shipped("DMF-S RetinaNet", MOBILENET)
 DUALFORMER_B = "configs/dualformer_b_mask_rcnn_3x.yaml"
+DMFORMER_S = "configs/dmformer_s_mask_rcnn_1x.yaml"
 # The comparison of issue 25: each family's backbone as its shipped config builds it.
 BACKBONES: Dict[str, Backbone] = {
     SWIN: Backbone(swin_t, SWIN),
@@ -115,7 +130,12 @@ BACKBONES.update({
     "DMF-S, per-sample-loop dynamic conv": Backbone(
         with_reference(DMF_S.build, "dmf_reference", "use_per_sample_loop"), MOBILENET
     ),
-    "DMFormer-S branches=fused": Backbone(partial(D2DMFormer, "s", branches="fused"), SWIN),
+    "DMFormer-S branches=fused": Backbone(
+        partial(config_backbone, DMFORMER_S, ["MODEL.DMFORMER.BRANCHES", "fused"]), SWIN
+    ),
+    "DMFormer-S nn.Conv2d branches": Backbone(
+        with_plain_depthwise(partial(detector_backbone, "DMFormer-S Mask R-CNN")), SWIN
+    ),
     "DualFormer-B": Backbone(partial(config_backbone, DUALFORMER_B), SWIN),
     "DualFormer-B USE_CHECKPOINT": Backbone(
         partial(config_backbone, DUALFORMER_B, ["MODEL.DUALFORMER.USE_CHECKPOINT", True]), SWIN

@@ -196,9 +196,13 @@ def test_fused_branches_equal_separate_forward_and_backward():
         assert (a - b).abs().max() <= 1e-5 * max(1.0, a.abs().max().item())
 
 
-def test_auto_runs_the_separate_depthwise_branches():
-    assert uses_fused_branches("fused")
-    assert not uses_fused_branches("separate") and not uses_fused_branches("auto")
+def test_auto_fuses_for_cpu_inference_only():
+    x = torch.zeros(1, 3, 8, 8)
+    assert uses_fused_branches("fused", x) and not uses_fused_branches("separate", x)
+    assert not uses_fused_branches("auto", x)  # autograd on: training takes the separate convs
+    with torch.no_grad():
+        assert uses_fused_branches("auto", x)
+        assert not uses_fused_branches("separate", x)
     branches = D2DMFormer("s").net.stages[0].blocks[0].dma.branches.branches
     assert all(isinstance(conv, DepthwiseConv2d) for conv in branches)
 
@@ -219,15 +223,15 @@ def test_fused_branches_fold_a_running_statistics_batchnorm(norm):
     assert (inference_affine(dma.norm) is None) == norm.endswith("train")
 
 
-def test_fused_inference_path_equals_separate_convs():
-    """CPU inference with fused kernels on channels-last maps vs the three-conv form."""
+def test_auto_inference_path_equals_separate_convs():
+    """CPU inference ("auto": fused kernels on channels-last maps) vs the three-conv form."""
     torch.manual_seed(0)
     separate = calibrate_batchnorms(D2DMFormer("s", branches="separate", output_norm=False))
-    fused = D2DMFormer("s", branches="fused", output_norm=False).eval()
-    fused.load_state_dict(separate.state_dict())
+    auto = D2DMFormer("s", output_norm=False).eval()
+    auto.load_state_dict(separate.state_dict())
     x = torch.randn(1, 3, 97, 64)
     with torch.no_grad():
-        expected, got = separate(x), fused(x)
+        expected, got = separate(x), auto(x)
     assert got["res2"].is_contiguous(memory_format=torch.channels_last)
     for name in FEATURES:  # fp32 rounding of a 12-block network, relative to each map's scale
         scale = expected[name].abs().max()
@@ -287,7 +291,7 @@ def test_ablation_parameter_counts_match_table_5(depths, options, exact, paper):
 @pytest.mark.parametrize("variant", ["s", "l"])
 def test_classifier_macs_at_224(variant):
     torch.manual_seed(0)
-    # FLOP counting traces the model: "auto" runs the three convs the paper counts
+    # FLOP counting traces the model: "auto" then runs the three convs the paper counts
     gmacs = conv_linear_gmacs(DMFormerClassifier(variant), 224, 224)
     assert gmacs == pytest.approx(CLASSIFIER_GMACS[variant], rel=0.01)
 

@@ -59,7 +59,7 @@ def dmformer_branches(args: argparse.Namespace) -> Report:
     For the DMA input of the first block of each stage (r * C channels at stride 4 ... 32 of one
     image), times DilatedBranches in each form and memory format, in inference (no_grad) and in
     training (forward + backward, batch 2 at a quarter of the image area), and the whole
-    DMFormer-S backbone in inference with branches="fused" against "separate" (what "auto" runs).
+    DMFormer-S backbone in inference with branches="fused" (what "auto" runs there) against "separate".
     The variants of one measurement run alternately in one process, one call each per round,
     after the warm-up rounds; the table gives the median over the rounds and the spread (min-max)
     in ms.

@@ -38,7 +38,6 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.layers.batch_norm import NaiveSyncBatchNorm
 from detectron2.utils import comm
@@ -51,6 +50,7 @@ from ..layers import (
     register_family,
     ClassifierMixin,
     FrozenStatsBatchNorm2d,
+    checkpointed,
     get_norm,
 )
 
@@ -496,7 +496,7 @@ class DynamicMobileFormer(nn.Module):
         outputs = []
         for i, block in enumerate(self.blocks):
             if self.use_checkpoint and self.training:
-                x, tokens = torch.utils.checkpoint.checkpoint(block, x, tokens, use_reentrant=False)
+                x, tokens = checkpointed(block, x, tokens)
             else:
                 x, tokens = block(x, tokens)
             if i in OUTPUT_BLOCKS:

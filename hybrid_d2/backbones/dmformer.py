@@ -23,23 +23,18 @@ Additions for detection:
   function of the same parameters. The default "auto" takes whichever measured faster on CPU
   (docs/dmformer.md): fused, on a channels-last map, for CPU inference; separate, channels-first,
   for training, on CUDA and under FLOP tracing.
-* Activation checkpointing recomputes a block with its BatchNorms' momentum at 0, so that the
-  running statistics are updated once per step, as without checkpointing.
 
 ``DMFormerClassifier`` is the ImageNet model (the trunk plus LayerNorm, average pool and Linear:
 the paper describes no head; VAN's gives its parameter counts), registered with timm as
 ``hybrid_dmformer_<variant>`` (docs/pretraining.md).
 """
 
-import contextlib
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from timm.layers import DropPath, trunc_normal_
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..layers import (
     BackboneFamily,
@@ -47,6 +42,7 @@ from ..layers import (
     register_family,
     ClassifierMixin,
     SmallMapSafeConv2d,
+    Stage,
     channel_norm,
     get_norm,
     inference_affine,
@@ -275,51 +271,6 @@ class DMFormerBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path(self.dma(self.norm1(x)))  # Eq. (5)
         return x + self.drop_path(self.mlp(self.norm2(x)))  # Eq. (6)
-
-
-@contextlib.contextmanager
-def running_stats_frozen(module: nn.Module) -> Iterator[None]:
-    """Let ``module``'s BatchNorms normalise with batch statistics without updating their running
-    statistics (momentum 0; num_batches_tracked restored): a checkpointed block's recomputation."""
-    norms = [m for m in module.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
-    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
-    for m in norms:
-        m.momentum = 0.0
-    try:
-        yield
-    finally:
-        for m, (momentum, tracked) in zip(norms, saved):
-            m.momentum = momentum
-            m.num_batches_tracked.copy_(tracked)
-
-
-class Stage(nn.Module):
-    """Blocks at one resolution, then (except in the last stage) the downsampler."""
-
-    def __init__(
-        self,
-        blocks: Sequence[DMFormerBlock],
-        downsample: Optional[Downsample],
-        use_checkpoint: bool,
-    ):
-        super().__init__()
-        self.blocks = nn.ModuleList(blocks)
-        self.downsample = downsample
-        self.use_checkpoint = use_checkpoint
-
-    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Returns the stage output and its downsampled version (None in the last stage)."""
-        for block in self.blocks:
-            if self.use_checkpoint and self.training:
-                x = torch.utils.checkpoint.checkpoint(
-                    block,
-                    x,
-                    use_reentrant=False,
-                    context_fn=lambda b=block: (contextlib.nullcontext(), running_stats_frozen(b)),
-                )
-            else:
-                x = block(x)
-        return x, self.downsample(x) if self.downsample is not None else None
 
 
 class DMFormer(nn.Module):

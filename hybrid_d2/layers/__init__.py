@@ -12,6 +12,7 @@ from .classifier import (
 from .dilated_attention import dilated_attention
 from .family import FAMILIES, BackboneFamily, Option, add_family_config, register_family
 from .flops import FLOP_HANDLES, MMCV_FLOP_HANDLES, flop_count_analysis, flop_totals
+from .stage import Stage, checkpointed, to_channels_first, to_channels_last
 from .norm import FrozenStatsBatchNorm2d, get_norm, inference_affine, norm_for_device
 from .window_masks import window_attention_mask
 from .windows import pad_to_multiple, relative_position_index, window_partition, window_reverse
@@ -33,6 +34,8 @@ __all__ = [
     "FrozenStatsBatchNorm2d",
     "PyramidBackbone",
     "SmallMapSafeConv2d",
+    "Stage",
+    "checkpointed",
     "dilated_attention",
     "flop_count_analysis",
     "flop_totals",
@@ -41,6 +44,8 @@ __all__ = [
     "norm_for_device",
     "pad_to_multiple",
     "relative_position_index",
+    "to_channels_first",
+    "to_channels_last",
     "window_attention_mask",
     "window_partition",
     "window_reverse",

@@ -112,17 +112,19 @@ class PyramidBackbone(Backbone):
         return {"size_divisibility": 32}
 
     def frozen_modules(self, freeze_at: int) -> List[nn.Module]:
-        """The modules ``freeze_at`` freezes: the stem (freeze_at >= 1) and stages res2 ... res_k
-        (freeze_at = k >= 2), stage res_k with the downsampling that feeds it; or what the
-        family's ``frozen_modules`` says."""
+        """The modules ``freeze_at`` freezes: the stem (freeze_at >= 1) and the blocks of stages
+        res2 ... res_k (freeze_at = k >= 2) with the downsampling that feeds each of them, which
+        sits at the end of the stage before it. A stage frozen entirely (its blocks and its
+        downsampling, or its blocks where it has none) is frozen as one module. A family without
+        stage modules declares its own ``frozen_modules`` instead."""
         if self.family.frozen_modules is not None:
             return self.family.frozen_modules(self, freeze_at)
         stem, stages = self.family.stem_and_stages(self.net)
         frozen = [stem] if freeze_at >= 1 else []
-        for i in range(freeze_at - 1):
-            frozen.append(stages[i].blocks)
-            if i > 0:
-                frozen.append(stages[i - 1].downsample)
+        last = freeze_at - 2  # the last frozen stage; its downsampling feeds a trainable stage
+        for i, stage in enumerate(stages[: max(freeze_at - 1, 0)]):
+            whole = i < last or stage.downsample is None
+            frozen.append(stage if whole else stage.blocks)
         return frozen
 
     def freeze(self, freeze_at: int) -> None:

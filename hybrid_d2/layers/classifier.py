@@ -16,6 +16,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
+from .stage import to_channels_first, to_channels_last
+
 __all__ = [
     "MODEL_PREFIX",
     "ClassifierMixin",
@@ -41,7 +43,7 @@ def check_in_chans(in_chans: int, family: str) -> None:
 
 def channel_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """A LayerNorm over the channels of an NCHW map."""
-    return norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+    return to_channels_first(norm(to_channels_last(x)))
 
 
 class ClassifierMixin:

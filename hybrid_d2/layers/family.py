@@ -83,8 +83,9 @@ class BackboneFamily:
         imagenet_drop_path: the classifiers' drop-path default per variant; None: the variant's.
         network_options: maps (variant, options) to the network's keyword arguments, checking
             them; default: the options as they are.
-        stem_and_stages: the network's stem and its four stages (each with ``blocks`` and, but
-            the first, a ``downsample``), what ``MODEL.BACKBONE.FREEZE_AT`` freezes.
+        stem_and_stages: the network's stem and its four :class:`~hybrid_d2.layers.Stage` s
+            (blocks, then the downsampling that feeds the next stage; none in the last), what
+            ``MODEL.BACKBONE.FREEZE_AT`` freezes (``PyramidBackbone.frozen_modules``).
         frozen_modules: replaces the stage-wise freezing: (backbone, freeze_at) -> modules.
     """
 

@@ -115,19 +115,15 @@ def load_as_train_net_does(config: Path, weights: Path, monkeypatch):
     """Build ``config``'s detector and load ``weights`` with train_net.py's own steps for
     ``--eval-only MODEL.WEIGHTS`` (its config, its model, its checkpointer), on CPU.
     Returns the model and the checkpointer's report of incompatible keys."""
-    import importlib.util
-
     from hybrid_d2.checkpoint import SafeCheckpointer
+    from hybrid_d2.engine import Trainer, build_config, parse_train_args
 
-    spec = importlib.util.spec_from_file_location("train_net", REPO_ROOT / "train_net.py")
-    train_net = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_net)
-    args = train_net.parse_train_args(
+    args = parse_train_args(
         ["--config-file", str(config), "--eval-only", "MODEL.WEIGHTS", str(weights),
          "MODEL.DEVICE", "cpu"]
     )  # fmt: skip
-    cfg = train_net.build_config(args)
-    model = train_net.Trainer.build_model(cfg)
+    cfg = build_config(args)
+    model = Trainer.build_model(cfg)
     reports = []
     load_model = SafeCheckpointer._load_model
     monkeypatch.setattr(

@@ -1,4 +1,5 @@
 """Shared fixtures: a private datasets root with the generated shapes data, and a train_net runner."""
+import functools
 import os
 import re
 import subprocess
@@ -133,6 +134,21 @@ def load_as_train_net_does(config: Path, weights: Path, monkeypatch):
     SafeCheckpointer(model).resume_or_load(cfg.MODEL.WEIGHTS, resume=False)
     (incompatible,) = reports
     return model, incompatible
+
+
+@functools.lru_cache(maxsize=None)
+def smallest_variant(name: str) -> str:
+    """The variant of a registered family with the fewest network parameters."""
+    from hybrid_d2.layers import FAMILIES
+
+    family = FAMILIES[name]
+
+    def parameters(variant: str) -> int:
+        with torch.device("meta"):  # shapes only
+            network = family.build_network(variant, 0.0, False, family.resolve_options({}))
+        return sum(p.numel() for p in network.parameters())
+
+    return min(family.variants, key=parameters)
 
 
 def load_config(path, opts=()):

@@ -10,7 +10,7 @@ import torch
 from detectron2.modeling import build_model
 from torch import nn
 
-from conftest import REPO_ROOT, SHAPES_CONFIG, load_config
+from conftest import SHAPES_CONFIG, load_config
 from hybrid_d2.checkpoint import CheckpointMismatchError, SafeCheckpointer
 from hybrid_d2.engine import Trainer
 from hybrid_d2.utils import atomic_output

@@ -349,46 +349,6 @@ def _network_options(variant: str, options: Dict[str, Any]) -> Dict[str, Any]:
     return dict(options, stage3_attention=pattern)
 
 
-FAMILY = BackboneFamily(
-    name="dilateformer",
-    title="DilateFormer",
-    backbone_name="D2DilateFormer",
-    network=DilateFormer,
-    variants=VARIANTS,
-    default_variant="small",
-    variant_help="tiny, small, base (paper Table II)",
-    drop_path_help="stochastic depth; None: the variant's detection default, tiny 0.2, small 0.2, "
-    "base 0.3 (VARIANTS; ImageNet used 0.1)",
-    options=(
-        Option(
-            "norm",
-            "FrozenBN",
-            "the stem's and downsamplers' BatchNorms: \"FrozenBN\" (ImageNet statistics; 2 images "
-            'per GPU make batch statistics noisy), "BN" or "SyncBN"',
-            norm=True,
-        ),
-        Option(
-            "stage3_attention",
-            "mixed",
-            'stage-3 attention (docs/dilateformer.md): "global" (the classification model), '
-            '"window" (non-overlapping windows) or "mixed" (window / shifted window / global '
-            "blocks, the paper's detection setting; pattern per variant in VARIANTS)",
-        ),
-        Option(
-            "window_size",
-            7,
-            "window side of the stage-3 (shifted-)window blocks: 7 or 14",
-        ),
-    ),
-    extra_variant_keys=("stage3_mixed",),
-    imagenet_drop_path={variant: IMAGENET_DROP_PATH for variant in VARIANTS},
-    network_options=_network_options,
-    stem_and_stages=lambda net: (net.patch_embed, net.stages),
-)
-
-variant_config = FAMILY.variant_config  # a copy of a variant's table entry, checked
-
-
 class DilateFormerClassifier(ClassifierMixin, DilateFormer):
     """The official ImageNet model: the trunk with all-global stage 3, then the classification
     tail LayerNorm(8C) -> global average pool -> Linear (official ``norm``, ``head``).
@@ -408,9 +368,45 @@ class DilateFormerClassifier(ClassifierMixin, DilateFormer):
         return channel_norm(self.norm, DilateFormer.forward(self, x)[-1])
 
 
-D2DilateFormer, build_dilateformer_backbone = register_family(
-    FAMILY,
-    __name__,
-    DilateFormerClassifier,
+FAMILY = BackboneFamily(
+    name="dilateformer",
+    title="DilateFormer",
+    backbone_name="D2DilateFormer",
+    network=DilateFormer,
+    variants=VARIANTS,
+    default_variant="small",
+    classifier=DilateFormerClassifier,
     timm_cfg=dict(first_conv="patch_embed.proj.0"),
+    converter="hybrid_d2.checkpoint.dilateformer:convert_dilateformer",
+    options=(
+        Option(
+            "norm",
+            "the stem's and downsamplers' BatchNorms: \"FrozenBN\" (ImageNet statistics; 2 images "
+            'per GPU make batch statistics noisy), "BN" or "SyncBN"',
+            norm=True,
+        ),
+        Option(
+            "stage3_attention",
+            'stage-3 attention (docs/dilateformer.md): "global" (the classification model), '
+            '"window" (non-overlapping windows) or "mixed" (window / shifted window / global '
+            "blocks, the paper's detection setting; pattern per variant in VARIANTS)",
+            default="mixed",
+        ),
+        Option(
+            "window_size",
+            "window side of the stage-3 (shifted-)window blocks: 7 or 14",
+        ),
+    ),
+    extra_variant_keys=("stage3_mixed",),
+    imagenet_drop_path={variant: IMAGENET_DROP_PATH for variant in VARIANTS},
+    network_options=_network_options,
+    stem_and_stages=lambda net: (net.patch_embed, net.stages),
 )
+
+variant_config = FAMILY.variant_config  # a copy of a variant's table entry, checked
+
+
+# Made here by register_family (hybrid_d2.layers.registration): the Detectron2 backbone
+# D2DilateFormer, its builder build_dilateformer_backbone and the timm models
+# hybrid_dilateformer_tiny, hybrid_dilateformer_small, hybrid_dilateformer_base.
+D2DilateFormer, build_dilateformer_backbone = register_family(FAMILY, __name__)

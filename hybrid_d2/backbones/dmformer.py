@@ -357,42 +357,6 @@ class DMFormer(nn.Module):
         return outputs
 
 
-FAMILY = BackboneFamily(
-    name="dmformer",
-    title="DMFormer",
-    backbone_name="D2DMFormer",
-    network=DMFormer,
-    variants=VARIANTS,
-    default_variant="s",
-    variant_help="s, l (paper Table 2)",
-    drop_path_help="stochastic depth; None: the variant's detection default, s 0.1, l 0.2 (not "
-    "in the paper; VARIANTS, docs/dmformer.md)",
-    options=(
-        Option(
-            "norm",
-            "SyncBN",
-            'every BatchNorm: "SyncBN" (batch statistics over all devices, so that 1 image per '
-            'device trains; Detectron2\'s naiveSyncBN off CUDA), "BN" (per-device statistics) '
-            'or "FrozenBN" (fixed statistics, e.g. fine-tuning from ImageNet weights)',
-            norm=True,
-            argument_default="BN",
-        ),
-        Option(
-            "branches",
-            "auto",
-            'the DMA\'s three dilated depth-wise convs: "separate" (three convs), "fused" (one '
-            'depth-wise conv with the summed 19x19 kernel; same function) or "auto": fused for '
-            "CPU inference, separate otherwise, the faster form of each as measured "
-            "(docs/dmformer.md)",
-        ),
-    ),
-    imagenet_drop_path=IMAGENET_DROP_PATH,
-    stem_and_stages=lambda net: (net.stem, net.stages),
-)
-
-variant_config = FAMILY.variant_config  # a copy of a variant's table entry, checked
-
-
 class DMFormerClassifier(ClassifierMixin, DMFormer):
     """ImageNet classifier: the trunk, then LayerNorm(512) -> global average pool -> Linear.
 
@@ -411,6 +375,39 @@ class DMFormerClassifier(ClassifierMixin, DMFormer):
         return channel_norm(self.norm, DMFormer.forward(self, x)[-1])
 
 
-D2DMFormer, build_dmformer_backbone = register_family(
-    FAMILY, __name__, DMFormerClassifier, timm_cfg=dict(first_conv="stem.conv1")
+FAMILY = BackboneFamily(
+    name="dmformer",
+    title="DMFormer",
+    backbone_name="D2DMFormer",
+    network=DMFormer,
+    variants=VARIANTS,
+    default_variant="s",
+    classifier=DMFormerClassifier,
+    timm_cfg=dict(first_conv="stem.conv1"),
+    options=(
+        Option(
+            "norm",
+            'every BatchNorm: "SyncBN" (batch statistics over all devices, so that 1 image per '
+            'device trains; Detectron2\'s naiveSyncBN off CUDA), "BN" (per-device statistics) '
+            'or "FrozenBN" (fixed statistics, e.g. fine-tuning from ImageNet weights)',
+            norm=True,
+            config_default="SyncBN",
+        ),
+        Option(
+            "branches",
+            'the DMA\'s three dilated depth-wise convs: "separate" (three convs), "fused" (one '
+            'depth-wise conv with the summed 19x19 kernel; same function) or "auto": fused for '
+            "CPU inference, separate otherwise, the faster form of each as measured "
+            "(docs/dmformer.md)",
+        ),
+    ),
+    imagenet_drop_path=IMAGENET_DROP_PATH,
+    stem_and_stages=lambda net: (net.stem, net.stages),
 )
+
+variant_config = FAMILY.variant_config  # a copy of a variant's table entry, checked
+
+
+# Made here by register_family (hybrid_d2.layers.registration): the Detectron2 backbone D2DMFormer,
+# its builder build_dmformer_backbone and the timm models hybrid_dmformer_s, hybrid_dmformer_l.
+D2DMFormer, build_dmformer_backbone = register_family(FAMILY, __name__)

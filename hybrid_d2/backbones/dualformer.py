@@ -423,54 +423,6 @@ class DualFormer(nn.Module):
         return outputs
 
 
-FAMILY = BackboneFamily(
-    name="dualformer",
-    title="DualFormer",
-    backbone_name="D2DualFormer",
-    network=DualFormer,
-    variants=VARIANTS,
-    default_variant="small",
-    variant_help="tiny, xsmall, small, base (paper Table 1)",
-    drop_path_help="stochastic depth; None: the variant's COCO default, tiny 0.1, xsmall 0.1, "
-    "small 0.2, base 0.4 (VARIANTS)",
-    options=(
-        Option(
-            "norm",
-            "SyncBN",
-            'every BatchNorm (stem, downsamplers, MBConv, MHPA reduction): "SyncBN", "BN" or '
-            '"FrozenBN"; no ImageNet statistics exist, so the configs train them ("SyncBN")',
-            norm=True,
-            argument_default="BN",
-        ),
-        Option(
-            "downsample_rates",
-            DOWNSAMPLE_RATES,
-            "MHPA resolution reduction k per stage: (4, 2, 1, 1) (default) or (8, 4, 2, 1)",
-        ),
-        Option(
-            "intra_mode",
-            "pool",
-            'intra-partition attention: "pool" (one softmax-pooled proxy per partition, '
-            'scattered back) or "token" (each token\'s softmax weight within its partition '
-            "times its value)",
-        ),
-        Option(
-            "hash_seed",
-            0,
-            "seed of the fixed LSH hyperplanes (buffers, saved in checkpoints); block i uses "
-            "hash_seed + i",
-        ),
-    ),
-    imagenet_drop_path=IMAGENET_DROP_PATH,
-    network_options=lambda variant, options: dict(
-        options, downsample_rates=tuple(options["downsample_rates"])
-    ),
-    stem_and_stages=lambda net: (net.stem, net.stages),
-)
-
-variant_config = FAMILY.variant_config  # a copy of a variant's table entry, checked
-
-
 class DualFormerClassifier(ClassifierMixin, DualFormer):
     """ImageNet classifier: the trunk, then LayerNorm(C4) -> global average pool -> Linear.
 
@@ -490,6 +442,50 @@ class DualFormerClassifier(ClassifierMixin, DualFormer):
         return channel_norm(self.norm, DualFormer.forward(self, x)[-1])
 
 
-D2DualFormer, build_dualformer_backbone = register_family(
-    FAMILY, __name__, DualFormerClassifier, timm_cfg=dict(first_conv="stem.proj.0")
+FAMILY = BackboneFamily(
+    name="dualformer",
+    title="DualFormer",
+    backbone_name="D2DualFormer",
+    network=DualFormer,
+    variants=VARIANTS,
+    default_variant="small",
+    classifier=DualFormerClassifier,
+    timm_cfg=dict(first_conv="stem.proj.0"),
+    options=(
+        Option(
+            "norm",
+            'every BatchNorm (stem, downsamplers, MBConv, MHPA reduction): "SyncBN", "BN" or '
+            '"FrozenBN"; no ImageNet statistics exist, so the configs train them ("SyncBN")',
+            norm=True,
+            config_default="SyncBN",
+        ),
+        Option(
+            "downsample_rates",
+            "MHPA resolution reduction k per stage: (4, 2, 1, 1) (default) or (8, 4, 2, 1)",
+        ),
+        Option(
+            "intra_mode",
+            'intra-partition attention: "pool" (one softmax-pooled proxy per partition, '
+            'scattered back) or "token" (each token\'s softmax weight within its partition '
+            "times its value)",
+        ),
+        Option(
+            "hash_seed",
+            "seed of the fixed LSH hyperplanes (buffers, saved in checkpoints); block i uses "
+            "hash_seed + i",
+        ),
+    ),
+    imagenet_drop_path=IMAGENET_DROP_PATH,
+    network_options=lambda variant, options: dict(
+        options, downsample_rates=tuple(options["downsample_rates"])
+    ),
+    stem_and_stages=lambda net: (net.stem, net.stages),
 )
+
+variant_config = FAMILY.variant_config  # a copy of a variant's table entry, checked
+
+
+# Made here by register_family (hybrid_d2.layers.registration): the Detectron2 backbone
+# D2DualFormer, its builder build_dualformer_backbone and the timm models hybrid_dualformer_tiny,
+# hybrid_dualformer_xsmall, hybrid_dualformer_small, hybrid_dualformer_base.
+D2DualFormer, build_dualformer_backbone = register_family(FAMILY, __name__)

@@ -301,39 +301,6 @@ class MixFormer(nn.Module):
         return outputs
 
 
-FAMILY = BackboneFamily(
-    name="mixformer",
-    title="MixFormer",
-    backbone_name="D2MixFormer",
-    network=MixFormer,
-    variants=VARIANTS,
-    default_variant="b1",
-    variant_help='b0 .. b6 (docs/mixformer.md, "Variants")',
-    drop_path_help="stochastic depth; None: the variant's, b0 0.0, b1 0.0, b2 0.05, b3 0.1, "
-    "b4 0.2, b5 0.3, b6 0.5 (VARIANTS)",
-    options=(
-        Option(
-            "norm",
-            "BN",
-            'every BatchNorm but the channel interaction\'s: "BN", "SyncBN" or "FrozenBN"',
-            norm=True,
-        ),
-        Option(
-            "pooled_norm",
-            "FrozenStatsBN",
-            "the channel interaction's BatchNorm, which sees a 1x1 pooled map (docs/mixformer.md): "
-            '"FrozenStatsBN" (running statistics always, trainable affine: works with 1 image per '
-            'device), "BN" or "SyncBN" (batch statistics as in the official code; needs >= 2 '
-            "images per norm group)",
-            norm=True,
-        ),
-    ),
-    stem_and_stages=lambda net: (net.patch_embed, net.layers),
-)
-
-variant_config = FAMILY.variant_config  # a copy of a variant's table entry, checked
-
-
 class MixFormerClassifier(ClassifierMixin, MixFormer):
     """The official ImageNet model (paper Fig. 3): the trunk, then LayerNorm(8C) -> Linear(8C ->
     1280) -> GELU (projection layer) -> global average pool -> Linear (official ``norm``,
@@ -363,9 +330,39 @@ class MixFormerClassifier(ClassifierMixin, MixFormer):
         return to_channels_first(F.gelu(self.last_proj(self.norm(last))))
 
 
-D2MixFormer, build_mixformer_backbone = register_family(
-    FAMILY,
-    __name__,
-    MixFormerClassifier,
+FAMILY = BackboneFamily(
+    name="mixformer",
+    title="MixFormer",
+    backbone_name="D2MixFormer",
+    network=MixFormer,
+    variants=VARIANTS,
+    default_variant="b1",
+    classifier=MixFormerClassifier,
     timm_cfg=dict(first_conv="patch_embed.stem.0"),
+    converter="hybrid_d2.checkpoint.mixformer:convert_mixformer",
+    options=(
+        Option(
+            "norm",
+            'every BatchNorm but the channel interaction\'s: "BN", "SyncBN" or "FrozenBN"',
+            norm=True,
+        ),
+        Option(
+            "pooled_norm",
+            "the channel interaction's BatchNorm, which sees a 1x1 pooled map (docs/mixformer.md): "
+            '"FrozenStatsBN" (running statistics always, trainable affine: works with 1 image per '
+            'device), "BN" or "SyncBN" (batch statistics as in the official code; needs >= 2 '
+            "images per norm group)",
+            norm=True,
+        ),
+    ),
+    stem_and_stages=lambda net: (net.patch_embed, net.layers),
 )
+
+variant_config = FAMILY.variant_config  # a copy of a variant's table entry, checked
+
+
+# Made here by register_family (hybrid_d2.layers.registration): the Detectron2 backbone D2MixFormer,
+# its builder build_mixformer_backbone and the timm models hybrid_mixformer_b0, hybrid_mixformer_b1,
+# hybrid_mixformer_b2, hybrid_mixformer_b3, hybrid_mixformer_b4, hybrid_mixformer_b5,
+# hybrid_mixformer_b6.
+D2MixFormer, build_mixformer_backbone = register_family(FAMILY, __name__)

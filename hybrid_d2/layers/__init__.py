@@ -10,9 +10,10 @@ from .classifier import (
     register_classifiers,
 )
 from .dilated_attention import dilated_attention
-from .family import FAMILIES, BackboneFamily, Option, add_family_config, register_family
+from .family import BackboneFamily, Option
 from .flops import FLOP_HANDLES, MMCV_FLOP_HANDLES, flop_count_analysis, flop_totals
 from .stage import Stage, checkpointed, to_channels_first, to_channels_last
+from .registration import FAMILIES, add_family_config, register_family
 from .norm import FrozenStatsBatchNorm2d, get_norm, inference_affine, norm_for_device
 from .window_masks import window_attention_mask
 from .windows import pad_to_multiple, relative_position_index, window_partition, window_reverse

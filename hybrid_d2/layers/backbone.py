@@ -1,7 +1,7 @@
 """The one Detectron2 backbone wrapper of every family: named pyramid outputs, optional output
 LayerNorms, stage freezing, the size constraint and the input check (H, W >= 32)."""
 
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from detectron2.layers import FrozenBatchNorm2d
@@ -9,8 +9,7 @@ from detectron2.layers.batch_norm import LayerNorm
 from detectron2.modeling import Backbone
 from torch import nn
 
-if TYPE_CHECKING:
-    from .family import BackboneFamily
+from .family import BackboneFamily
 
 __all__ = ["FEATURE_NAMES", "MIN_INPUT_SIZE", "PyramidBackbone", "check_input_shape"]
 
@@ -48,7 +47,7 @@ class PyramidBackbone(Backbone):
     ``register_family`` and sets ``family``, the family's declaration.
     """
 
-    family: "BackboneFamily"
+    family: BackboneFamily
 
     def __init__(
         self,

@@ -11,6 +11,12 @@ atomically and never with NaN/Inf weights, nothing is saved after a failed itera
 ``--resume`` after a kill continues exactly where the last checkpoint left off.
 """
 
+import warnings
+
+warnings.filterwarnings(  # Detectron2's dependencies' torch.jit use, at import time
+    "ignore", r"`torch\.jit\.(script|interface)` is deprecated", FutureWarning, r"torch\.jit\."
+)
+
 import logging
 import sys
 
@@ -28,6 +34,7 @@ from hybrid_d2.engine import (
     parse_train_args,
     share_cpu_cores,
 )
+from hybrid_d2.engine.slurm import preemption_hooks
 
 logger = logging.getLogger("detectron2")
 
@@ -59,6 +66,7 @@ def main(args):
             verify_results(cfg, results)
         return results
     trainer = Trainer(cfg)
+    trainer.register_hooks(preemption_hooks())  # SLURM jobs of tools/submit.py
     trainer.resume_or_load(resume=args.resume)
     return trainer.train()
 

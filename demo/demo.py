@@ -12,6 +12,12 @@ was processed, 1 when some input failed (the others are still processed), 2 on a
 error.
 """
 
+import warnings
+
+warnings.filterwarnings(  # Detectron2's dependencies' torch.jit use, at import time
+    "ignore", r"`torch\.jit\.(script|interface)` is deprecated", FutureWarning, r"torch\.jit\."
+)
+
 import argparse
 import glob
 import os
@@ -26,7 +32,7 @@ import tqdm
 from detectron2.config import CfgNode
 
 from hybrid_d2 import get_config
-from hybrid_d2.engine import USER_ERRORS, UsageError
+from hybrid_d2.engine import USER_ERRORS, UsageError, untrained_warning
 from hybrid_d2.utils import atomic_output
 from predictor import IMAGE_EXTENSIONS, InputError, VisualizationPredictor, display_problem, read_image
 
@@ -342,6 +348,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 2
     try:
         cfg = setup_cfg(args)
+        if warning := untrained_warning(cfg):
+            print(warning, file=sys.stderr)
         predictor = VisualizationPredictor(cfg)
     except USER_ERRORS as e:
         print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)

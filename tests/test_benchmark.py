@@ -1,20 +1,33 @@
 """tools/benchmark.py: each mode's command line runs at a tiny size and writes its report (rows
-and columns) between its markers, and JSON where the mode has it."""
+and columns) between its markers, and JSON where the mode has it; the detectors mode releases its
+models before its memory workers run; the profile mode's groups cover the backward pass."""
 
 import json
 import sys
+import weakref
 from pathlib import Path
-from typing import List, Sequence
+from typing import Dict, List, Sequence
 
 import pytest
+import torch
+from torch import nn
 
 from conftest import REPO_ROOT, run_script
 
 sys.path.insert(0, str(REPO_ROOT / "tools"))
 import benchmark  # noqa: E402
+import plot_model_zoo  # noqa: E402
+from benchmarking import detectors, detectron, profiling  # noqa: E402
 
 TINY = ["--height", "64", "--width", "96", "--warmup", "0", "--rounds", "1", "--threads", "1"]
 R50, RESNET, R50_UPERNET = "R50 Mask R-CNN", "ResNet-50 (Detectron2)", "R50 UperNet"
+MOBILENET = "MobileNetV3-Large (torchvision)"
+
+
+def cells(text: str) -> List[List[str]]:
+    """The cells of every markdown table row in ``text``."""
+    lines = [line for line in text.splitlines() if line.startswith("| ")]
+    return [[cell.strip() for cell in line.split("|")[1:-1]] for line in lines]
 
 
 def run_mode(mode: str, args: Sequence[str], tmp_path: Path) -> List[List[str]]:
@@ -28,15 +41,54 @@ def run_mode(mode: str, args: Sequence[str], tmp_path: Path) -> List[List[str]]:
     text = doc.read_text()
     assert text.startswith(f"before\n{begin}\nCommand: `python tools/benchmark.py {mode} ")
     assert text.endswith(f"{end}\nafter\n") and "old table" not in text
-    lines = [line for line in text.splitlines() if line.startswith("| ")]
-    return [[cell.strip() for cell in line.split("|")[1:-1]] for line in lines]
+    return cells(text)
 
 
-def test_detectors(tmp_path):
-    """The reference alone (a hybrid adds a model and a worker: seconds each)."""
-    results = tmp_path / "results.json"
-    args = ["--train-rounds", "1", "--models", R50, "--json", results]
-    rows = run_mode("detectors", args, tmp_path)
+def test_detectors(tmp_path, monkeypatch):
+    """The reference alone (a hybrid adds a model and a worker: seconds each), in this process:
+    when the memory worker starts, the model and optimizer this process built are gone and the
+    doc has the partial report of the timing stages."""
+    held, seen = [], []
+    build = detectron.Runner.__init__
+
+    def build_and_watch(runner: detectron.Runner, *args, **kwargs) -> None:
+        build(runner, *args, **kwargs)
+        held.extend([weakref.ref(runner.model), weakref.ref(runner.optimizer)])
+
+    def worker(args, name, memory):
+        seen.append(([ref() is None for ref in held], doc.read_text(), results.read_text()))
+        return run_worker(args, name, memory)
+
+    run_worker = detectors.run_worker
+    monkeypatch.setattr(detectron.Runner, "__init__", build_and_watch)
+    monkeypatch.setattr(detectors, "run_worker", worker)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("MKL_NUM_THREADS", "1")
+    results, doc = tmp_path / "results.json", tmp_path / "doc.md"
+    doc.write_text("{}\nold table\n{}\n".format(*benchmark.markers("detectors")))
+    threads = torch.get_num_threads()
+    try:
+        args = [*TINY, "--train-rounds", "1", "--models", R50, "--json", results, "--doc", doc]
+        assert benchmark.main(["detectors", *map(str, args)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    [(released, partial, partial_json)] = seen
+    assert len(released) == 2 and all(released)
+    assert "Partial results: written when the training steps on cpu ended" in partial
+    partial_results = tmp_path / "partial.json"
+    partial_results.write_text(partial_json)
+    with pytest.raises(SystemExit, match="partial.json holds a partial run .written when the tr"):
+        plot_model_zoo.main(
+            ["--results", str(partial_results), "--output", str(tmp_path / "p.png")]
+        )
+    partial_row = next(row for row in cells(partial) if row[0] == R50)
+    assert partial_row[5] == "1.00" and partial_row[6] != "-" and partial_row[7] == "-"
+    text = doc.read_text()
+    assert text.startswith(
+        benchmark.markers("detectors")[0] + "\nCommand: `python tools/benchmark.py"
+    )
+    assert "Partial" not in text and "old table" not in text
+    rows = cells(text)
     assert [row[0] for row in rows] == ["model", R50]
     assert rows[0][5] == "× R50 latency per GFLOP" and len(rows[1]) == 8
     assert rows[1][2] == rows[1][4] == rows[1][5] == "1.00"
@@ -48,13 +100,20 @@ def test_detectors(tmp_path):
 
 
 def test_backbones(tmp_path):
-    """One model (two workers of seconds each); without ResNet-50 it has no ratios."""
-    rows = run_mode("backbones", ["--batch", "2", "--models", "DMF-XXS"], tmp_path)
-    assert [row[0] for row in rows] == ["model", "DMF-XXS"]
-    assert rows[0][4] == f"x {RESNET} (median)" and rows[0][7].startswith("max RSS")
-    assert len(rows[1]) == 8 and rows[1][4] == rows[1][6] == "-"
-    base, peak, added = (float(v) for v in rows[1][7].split(" / "))
-    assert added > 0 and abs(peak - base - added) <= 1
+    """DMF-XXS against MobileNetV3-Large, its reference (two memory workers of seconds each)."""
+    rows = run_mode("backbones", ["--models", "DMF-XXS", MOBILENET], tmp_path)
+    assert rows[0] == [
+        "model", "params (M)", "GFLOPs", "reference", "inference s, median (min–max)",
+        "inference per GFLOP, × reference", "training step s, median (min–max)",
+        "training per GFLOP, × reference", "max RSS added, inference / training (MiB)",
+    ]  # fmt: skip
+    assert [row[0] for row in rows[1:]] == ["DMF-XXS", MOBILENET]
+    dmf, mobilenet = rows[1], rows[2]
+    assert dmf[3] == mobilenet[3] == MOBILENET and mobilenet[5] == mobilenet[7] == "1.00"
+    assert float(dmf[5]) > 0 and float(dmf[7]) > 0 and float(mobilenet[1]) == 3.0
+    for row in rows[1:]:
+        inference, training = (float(v) for v in row[8].split(" / "))
+        assert inference > 0 and training > 0
 
 
 def test_compile_eager(tmp_path):
@@ -83,7 +142,7 @@ def test_dmformer_branches(tmp_path):
         "fused NHWC",
     ]
     assert [row[1] for row in rows[-2:]] == [
-        "DMFormer-S branches=auto",
+        "DMFormer-S branches=fused",
         "DMFormer-S branches=separate",
     ]
     assert len(rows) == 1 + 6 * 4 + 2
@@ -115,3 +174,90 @@ def test_segmentation(tmp_path):
 def test_segmentation_needs_the_reference(tmp_path):
     with pytest.raises(SystemExit, match="--models must include 'R50 UperNet'"):
         benchmark.main(["segmentation", *TINY, "--models", "MixFormer-B1 UperNet", "--doc", "-"])
+
+
+def tables(text: str) -> Dict[str, List[List[str]]]:
+    """The rows of every table in ``text`` under its bold title."""
+    found = {}
+    for part in text.split("\n**")[1:]:
+        title, body = part.split("**", 1)
+        found[title] = cells(body)
+    return found
+
+
+def test_profile_groups_forward_and_backward_by_module(tmp_path):
+    """A DMFormer-S backbone's training step: the groups' shares add up to the whole, and the
+    backward of its blocks' depth-wise convolutions is attributed to their module group."""
+    args = ["--target", "backbone", "--models", "DMFormer-S Mask R-CNN", "--row-limit", "40"]
+    run_mode("profile", args, tmp_path)
+    found = tables((tmp_path / "doc.md").read_text())
+    name = "DMFormer-S Mask R-CNN, backbone"
+    assert list(found) == [
+        f"{name}, {phase}: {table}"
+        for phase in ("training step", "inference")
+        for table in (
+            "time by module group", "top operators by self CPU time",
+            "top operators by memory left allocated",
+        )
+    ]  # fmt: skip
+    for phase in ("training step", "inference"):
+        groups = {row[0]: row for row in found[f"{name}, {phase}: time by module group"][1:]}
+        shares = {group: float(row[2].rstrip("%")) for group, row in groups.items()}
+        assert abs(sum(shares.values()) - 100) < 0.5
+        assert shares["DMFormerBlock.dma"] + shares["DepthwiseConv2d"] > 10
+        assert shares.get("(outside modules)", 0) < 5
+    training = {row[0]: row for row in found[f"{name}, training step: time by module group"][1:]}
+    assert float(training["DepthwiseConv2d backward"][2].rstrip("%")) > 10
+    assert (
+        "(outside modules) backward" not in training
+        or float(training["(outside modules) backward"][2].rstrip("%")) < 5
+    )
+    operators = found[f"{name}, training step: top operators by self CPU time"]
+    assert operators[0] == [
+        "operator", "module group", "input shapes", "calls", "self CPU ms", "share",
+        "self CPU memory MiB",
+    ]  # fmt: skip
+    # the dilated 7x7 branches' backward: convolutions of the output gradient with the turned
+    # kernel (hybrid_d2.layers.depthwise), credited to the branch modules' backward
+    depthwise_backward = [
+        row for row in operators[1:]
+        if row[0] == "`aten::mkldnn_convolution`" and ", 1, 7, 7]" in row[2]
+        and row[1].endswith("backward")
+    ]  # fmt: skip
+    assert depthwise_backward and {row[1] for row in depthwise_backward} == {
+        "DepthwiseConv2d backward"
+    }
+
+
+class Anchors(nn.Module):
+    """Operators that make no autograd node (as Detectron2's anchor generator)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.arange(x.shape[-1], dtype=x.dtype) * 2 + 1
+
+
+class TwoParts(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.anchors, self.conv = Anchors(), nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        anchors = self.anchors(x).sum()
+        return self.conv(x).sum() + anchors
+
+
+def test_profile_backward_goes_to_the_module_that_made_the_node():
+    """Operators that make no node record the number of the next node made: the convolution's
+    backward belongs to the convolution, not to the module that ran just before it."""
+    model, image = TwoParts(), torch.randn(1, 3, 8, 8)
+    scopes = profiling.ModuleScopes(model, depth=1)
+    profile = profiling.profile_calls(lambda: model(image).backward(), 1, "cpu")
+    scopes.remove()
+    backward_ops = {
+        group
+        for (name, group, _), _ in profile.operators.items()
+        if name == "aten::convolution_backward"
+    }
+    assert backward_ops == {"conv backward"}
+    assert "anchors" in profile.groups and "anchors backward" not in profile.groups
+    assert abs(sum(t.cpu_us for t in profile.groups.values()) - profile.cpu_us) < 1e-6

@@ -221,6 +221,17 @@ def test_weights_load_as_train_net_loads_them(demo, inputs, tmp_path, capsys):
         assert not output.exists()
 
 
+def test_untrained_model_is_said_only_without_weights(demo, run_demo, inputs, tmp_path, capsys):
+    argv = ["--input", str(inputs / "color.png"), "--output", str(tmp_path / "out.png")]
+    status, _, err = run_demo(*argv)  # demo_args: MODEL.WEIGHTS ""
+    assert status == 0 and "the model is untrained" in err, err
+    weights = tmp_path / "model.pth"  # run_demo's model is built already: only the name counts
+    weights.touch()
+    assert demo.main([*argv, *demo_args(opts=["MODEL.WEIGHTS", str(weights)])]) == 0
+    err = capsys.readouterr().err
+    assert "untrained" not in err, err
+
+
 def test_images_good_awkward_and_bad(run_demo, inputs, tmp_path):
     out = tmp_path / "out"  # no extension: a folder, created
     bad = ["empty.png", "corrupt.jpg", "missing.png", "sliver.png"]
@@ -353,11 +364,19 @@ def test_frameworks(demo, inputs, config, dataset, fields, absent):
 
 
 def test_script_writes_one_image_file(inputs, tmp_path, datasets_root):
+    """Also: the untrained model (MODEL.WEIGHTS "") is said so in one line, and none of the
+    torch.jit FutureWarnings that Detectron2's dependencies raise at import time is printed."""
     output = tmp_path / "pred.png"
     result = run_script(
         "demo/demo.py", ["--input", inputs / "color.jpg", "--output", output, *demo_args()], datasets_root
     )
     assert result.returncode == 0, result.stderr
+    untrained = [line for line in result.stderr.splitlines() if "model is untrained" in line]
+    assert untrained == [
+        "warning: MODEL.WEIGHTS is empty: the model is untrained (random weights) and its "
+        "predictions are meaningless; add MODEL.WEIGHTS <checkpoint>"
+    ], result.stderr
+    assert "FutureWarning" not in result.stderr, result.stderr
     assert f"{inputs / 'color.jpg'}: 3 detections in " in result.stdout
     assert os.listdir(tmp_path) == ["pred.png"] and image_size(output) == (120, 160)
 

@@ -71,6 +71,48 @@ def test_eval_only_reproduces_the_final_evaluation(one_step_run, datasets_root, 
     assert _copypaste_metrics(log) == _copypaste_metrics(train_log)
 
 
+def test_eval_only_without_weights_says_the_model_is_untrained(datasets_root, tmp_path):
+    """One line on stderr says so and the evaluation goes on; none of the torch.jit
+    FutureWarnings that Detectron2's dependencies raise at import time is printed."""
+    result = run_script(
+        "train_net.py",
+        ["--config-file", SHAPES_CONFIG, "--eval-only", "MODEL.WEIGHTS", "", "DATASETS.TEST", "()",
+         "OUTPUT_DIR", tmp_path],
+        datasets_root,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    untrained = [line for line in result.stderr.splitlines() if "model is untrained" in line]
+    assert untrained == [
+        "warning: MODEL.WEIGHTS is empty: the model is untrained (random weights) and its "
+        "predictions are meaningless; add MODEL.WEIGHTS <checkpoint>"
+    ], result.stderr[-3000:]
+    assert "FutureWarning" not in result.stderr, result.stderr[-3000:]
+
+
+def test_entry_points_hide_only_the_torch_jit_deprecations(tmp_path):
+    """After train_net.py's imports, another FutureWarning and the same message raised by another
+    module still show; torch.jit.script's own deprecation does not."""
+    script = tmp_path / "user.py"
+    script.write_text(
+        "import runpy, warnings\n"
+        f"runpy.run_path({str(REPO_ROOT / 'train_net.py')!r}, run_name='train_net')\n"
+        "import torch\n"
+        "warnings.warn('another FutureWarning', FutureWarning)\n"
+        "warnings.warn('`torch.jit.script` is deprecated (raised by user.py)', FutureWarning)\n"
+        "@torch.jit.script\n"
+        "def f(x: torch.Tensor) -> torch.Tensor:\n"
+        "    return x + 1\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-W", "always", str(script)], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    warnings = [line for line in result.stderr.splitlines() if "Warning: " in line]
+    assert len(warnings) == 2, result.stderr
+    assert "FutureWarning: another FutureWarning" in warnings[0]
+    assert "(raised by user.py)" in warnings[1]
+
+
 def test_two_cpu_processes_with_gloo(datasets_root, tmp_path, monkeypatch):
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # the user sets no thread count
         monkeypatch.delenv(name, raising=False)

@@ -11,6 +11,12 @@ included, as the DilateFormer and DMF papers count); "GMACs" leaves norms and po
 derivations in the design notes count).
 """
 
+import warnings
+
+warnings.filterwarnings(  # Detectron2's dependencies' torch.jit use, at import time
+    "ignore", r"`torch\.jit\.(script|interface)` is deprecated", FutureWarning, r"torch\.jit\."
+)
+
 import argparse
 import sys
 from typing import Dict, List, Optional

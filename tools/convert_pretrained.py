@@ -20,6 +20,12 @@ checkpoint_path=...)`` (ImageNet evaluation). Where the official files are and t
 variant: docs/mixformer.md, docs/dilateformer.md ("Weights"); timm: docs/pretraining.md.
 """
 
+import warnings
+
+warnings.filterwarnings(  # Detectron2's dependencies' torch.jit use, at import time
+    "ignore", r"`torch\.jit\.(script|interface)` is deprecated", FutureWarning, r"torch\.jit\."
+)
+
 import argparse
 import pickle
 import sys

@@ -14,6 +14,12 @@ by its module in Detectron2's installed ``tools`` package (the wheel ships analy
 benchmark, visualize_data, visualize_json_results, ...) or by a path.
 """
 
+import warnings
+
+warnings.filterwarnings(  # Detectron2's dependencies' torch.jit use, at import time
+    "ignore", r"`torch\.jit\.(script|interface)` is deprecated", FutureWarning, r"torch\.jit\."
+)
+
 import importlib.util
 import os
 import runpy

@@ -7,6 +7,13 @@
 Counts come from fvcore. FLOPs are fvcore's (one multiply-add = one FLOP, as in the papers' tables),
 with hybrid_d2's handles for the attention ops fvcore does not know, of the backbone alone (``backbone.bottom_up``) on one image of the given size.
 """
+
+import warnings
+
+warnings.filterwarnings(  # Detectron2's dependencies' torch.jit use, at import time
+    "ignore", r"`torch\.jit\.(script|interface)` is deprecated", FutureWarning, r"torch\.jit\."
+)
+
 import argparse
 import os
 import sys

@@ -17,6 +17,12 @@ head, without UperNet's auxiliary head (its parameters are counted, as mmseg's g
 Only the text between the BEGIN and END markers of the section (coco or ade20k) is rewritten.
 """
 
+import warnings
+
+warnings.filterwarnings(  # Detectron2's dependencies' torch.jit use, at import time
+    "ignore", r"`torch\.jit\.(script|interface)` is deprecated", FutureWarning, r"torch\.jit\."
+)
+
 import argparse
 import glob
 import os
@@ -36,9 +42,9 @@ from tqdm import tqdm
 from hybrid_d2 import get_config
 from hybrid_d2.layers import FAMILIES as REGISTERED_FAMILIES
 from hybrid_d2.layers import flop_totals
-from hybrid_d2.utils import atomic_output
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from doc_markers import replace_between, write_between  # noqa: E402
 from model_zoo_data import BACKBONE_PARAMS, PAPER_ROWS, PaperRow  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -284,10 +290,7 @@ def replace_generated(
     text: str, generated: str, path: str, begin: str = BEGIN, end: str = END
 ) -> str:
     """``text`` with the part between ``begin`` and ``end`` replaced by ``generated``."""
-    if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
-        raise SystemExit(f"model_zoo: {path} needs one '{begin}' line before one '{end}' line")
-    head, rest = text.split(begin)
-    return f"{head}{begin}\n{generated}{end}{rest.split(end, 1)[1]}"
+    return replace_between(text, generated, path, (begin, end), "model_zoo")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -329,7 +332,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("--height and --width go together")
     begin, end, default_configs = SECTIONS[args.section]
     stats, sizes, counted = {}, {}, {}
-    for path in tqdm(experiment_configs(args.configs or [default_configs]), desc="model_zoo", unit="config"):
+    for path in tqdm(
+        experiment_configs(args.configs or [default_configs]), desc="model_zoo", unit="config"
+    ):
         name = os.path.splitext(os.path.basename(path))[0]
         cfg = load_config(path)
         sizes[name] = (
@@ -344,11 +349,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.output == "-":
         print(generated)
         return 0
-    with open(args.output) as f:
-        text = replace_generated(f.read(), generated, args.output, begin, end)
-    with atomic_output(args.output) as tmp:
-        with open(tmp, "w") as f:
-            f.write(text)
+    write_between(args.output, generated, (begin, end), "model_zoo")
     return 0
 
 

@@ -7,6 +7,12 @@ reference.
     python tools/plot_model_zoo.py [--results docs/benchmark_results.json] [--output docs/model_zoo.png]
 """
 
+import warnings
+
+warnings.filterwarnings(  # Detectron2's dependencies' torch.jit use, at import time
+    "ignore", r"`torch\.jit\.(script|interface)` is deprecated", FutureWarning, r"torch\.jit\."
+)
+
 import argparse
 import json
 import os
@@ -116,6 +122,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if os.path.exists(args.results):
         with open(args.results) as f:
             run = json.load(f)
+        if run.get("partial"):
+            raise SystemExit(
+                f"plot_model_zoo: {args.results} holds a partial run (written when "
+                f"{run['partial']} ended); plot from a finished tools/benchmark.py detectors run"
+            )
         setting = args.setting or next(iter(run["results"]))
         if setting not in run["results"]:
             raise SystemExit(

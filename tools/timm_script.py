@@ -12,6 +12,12 @@ imports hybrid_d2 (which registers the models) and runs the script as ``__main__
 remaining arguments. docs/pretraining.md has the command line of each family.
 """
 
+import warnings
+
+warnings.filterwarnings(  # Detectron2's dependencies' torch.jit use, at import time
+    "ignore", r"`torch\.jit\.(script|interface)` is deprecated", FutureWarning, r"torch\.jit\."
+)
+
 import os
 import runpy
 import sys

@@ -544,6 +544,7 @@ class DMFClassifier(ClassifierMixin, DynamicMobileFormer):
 
     # the modules the trunk does not have
     TAIL = ("end_mobile2former", "end_former", "channel_conv", "bn", "head")
+    FEATURE_MODULES = tuple(f"blocks.{i}" for i in OUTPUT_BLOCKS)  # no stage modules
 
     NETWORK_DEFAULTS = {"norm": "BN", "pooled_norm": "BN", "temperature": 1.0}
 
@@ -582,8 +583,10 @@ class DMFClassifier(ClassifierMixin, DynamicMobileFormer):
         head.apply(self._init_weights)
         return head
 
-    def reset_classifier(self, num_classes: int, global_pool: Any = None) -> None:
-        """A fresh ``head.fc2`` for ``num_classes`` (0: the fc1 features); fc1 is kept."""
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """A fresh ``head.fc2`` for ``num_classes`` (0: the fc1 features); fc1 is kept.
+        ``global_pool`` as ClassifierMixin's."""
+        self._set_global_pool(num_classes, global_pool)
         self.num_classes = num_classes
         fc2 = nn.Linear(self.hidden, num_classes) if num_classes > 0 else nn.Identity()
         self.head.fc2 = fc2.apply(self._init_weights)
@@ -601,6 +604,8 @@ class DMFClassifier(ClassifierMixin, DynamicMobileFormer):
         return torch.cat([x, token], dim=1)  # §3.6: pooled local features, then token 0
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if not self.global_pool:  # the unpooled map (ClassifierMixin.forward_head)
+            return x
         # §3.6: "two fully-connected layers with hard-swish in between"
         x = self.head_drop(F.hardswish(self.head.fc1(self.pool(x))))
         return x if pre_logits else self.head.fc2(x)

@@ -21,8 +21,8 @@ Additions for detection:
 * The three dilated depth-wise branches can run as three convs ("separate") or as one depth-wise
   conv whose 19x19 kernel is the sum of the three dilated kernels ("fused"); both compute the same
   function of the same parameters. The default "auto" takes whichever measured faster on CPU
-  (docs/dmformer.md): fused, on a channels-last map, for CPU inference; separate, channels-first,
-  for training, on CUDA and under FLOP tracing.
+  (docs/dmformer.md): the separate convs, whose dilations ``DepthwiseConv2d`` turns into
+  undilated convs over sub-grids (hybrid_d2.layers.depthwise), in training and inference.
 
 ``DMFormerClassifier`` is the ImageNet model (the trunk plus LayerNorm, average pool and Linear:
 the paper describes no head; VAN's gives its parameter counts), registered with timm as
@@ -41,6 +41,7 @@ from ..layers import (
     Option,
     register_family,
     ClassifierMixin,
+    DepthwiseConv2d,
     SmallMapSafeConv2d,
     Stage,
     channel_norm,
@@ -72,13 +73,13 @@ DILATIONS = (1, 2, 3)  # §2.1: "for branches with kernel size 5x5 and 7x7 ... d
 BRANCH_MODES = ("auto", "separate", "fused")
 
 
-def uses_fused_branches(mode: str, x: torch.Tensor) -> bool:
-    """Whether the dilated branches run fused: always for "fused", never for "separate"; for
-    "auto" in CPU inference only (no autograd, not traced), where it is the faster form
-    (docs/dmformer.md). Training and FLOP counting see the three convs of the paper."""
-    if mode == "auto":
-        return x.device.type == "cpu" and not torch.is_grad_enabled() and not torch.jit.is_tracing()
+def uses_fused_branches(mode: str) -> bool:
+    """Whether the dilated branches run fused: for "fused" only. "auto" takes the faster form,
+    which since the CPU depth-wise convs decompose their dilations (hybrid_d2.layers.depthwise)
+    is the three separate convs in training and inference alike (docs/dmformer.md); FLOP
+    counting then sees the paper's three convs."""
     return mode == "fused"
+
 
 # ImageNet stochastic depth: ours, as VAN-B1 / B2 (the paper gives none)
 IMAGENET_DROP_PATH = {"s": 0.1, "l": 0.2}
@@ -149,9 +150,9 @@ class DilatedBranches(nn.Module):
                 "one dilation each"
             )
         self.mode = mode
+        # depth-wise convs with a fast CPU backward (hybrid_d2.layers.depthwise)
         self.branches = nn.ModuleList(
-            nn.Conv2d(channels, channels, k, padding=d * (k - 1) // 2, dilation=d, groups=channels)
-            for k, d in zip(kernels, dilations)
+            DepthwiseConv2d(channels, k, dilation=d) for k, d in zip(kernels, dilations)
         )
 
     def fused_kernel(self) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -172,7 +173,7 @@ class DilatedBranches(nn.Module):
     ) -> torch.Tensor:
         """X1 + X2 + X3; in fused mode ``affine`` = (scale, shift) per channel may be folded into
         the kernel, giving scale * (X1 + X2 + X3) + shift in the same pass."""
-        if uses_fused_branches(self.mode, x):
+        if uses_fused_branches(self.mode):
             weight, bias = self.fused_kernel()
             if affine is not None:
                 scale, shift = affine
@@ -227,7 +228,7 @@ class DynamicMultilevelAttention(nn.Module):
         the BN uses running statistics, the BN is folded into the fused kernel: one pass over
         the rC-channel map instead of two."""
         expanded = self.expand(x)
-        affine = inference_affine(self.norm) if uses_fused_branches(self.branches.mode, x) else None
+        affine = inference_affine(self.norm) if uses_fused_branches(self.branches.mode) else None
         if affine is not None:
             return F.relu_(self.branches(expanded, affine))
         return F.relu(self.norm(self.branches(expanded)))
@@ -346,7 +347,7 @@ class DMFormer(nn.Module):
             nn.init.zeros_(module.bias)
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
-        if x.device.type == "cpu" and uses_fused_branches(self.branches, x):
+        if x.device.type == "cpu" and uses_fused_branches(self.branches):
             # oneDNN's depth-wise kernel is fast on channels-last maps only (docs/dmformer.md)
             x = x.contiguous(memory_format=torch.channels_last)
         x = self.stem(x)

@@ -11,6 +11,7 @@ from .launch import (
     launch_workers,
     parse_train_args,
     share_cpu_cores,
+    untrained_warning,
 )
 from .predictor import SafePredictor
 from .trainer import Trainer
@@ -27,4 +28,5 @@ __all__ = [
     "launch_workers",
     "parse_train_args",
     "share_cpu_cores",
+    "untrained_warning",
 ]

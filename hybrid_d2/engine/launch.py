@@ -19,6 +19,7 @@ from detectron2.utils import comm
 
 from ..checkpoint import CheckpointLoadError, CheckpointMismatchError, SafeCheckpointer
 from ..config import ConfigError, get_config
+from .slurm import Preempted
 
 __all__ = [
     "LOCK_FILE_NAME",
@@ -31,6 +32,7 @@ __all__ = [
     "launch_workers",
     "parse_train_args",
     "share_cpu_cores",
+    "untrained_warning",
 ]
 
 logger = logging.getLogger(__name__)
@@ -96,8 +98,9 @@ def build_config(args: argparse.Namespace) -> CfgNode:
 
 
 def launch_checked(main: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> int:
-    """Check the config and OUTPUT_DIR (one line and exit status 2 on a problem), hold OUTPUT_DIR
-    for this run, then run ``main(args)`` in its processes (:func:`launch_workers`)."""
+    """Check the config and OUTPUT_DIR (one line and exit status 2 on a problem; a warning for an
+    evaluation without weights), hold OUTPUT_DIR for this run, then run ``main(args)`` in its
+    processes (:func:`launch_workers`)."""
     logging.getLogger("detectron2").info("Command Line Args: %s", args)
     try:
         cfg = build_config(args)
@@ -106,6 +109,8 @@ def launch_checked(main: Callable[[argparse.Namespace], Any], args: argparse.Nam
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.eval_only and (warning := untrained_warning(cfg, args.resume)):
+        print(warning, file=sys.stderr)
     try:
         return launch_workers(main, args)
     finally:
@@ -121,13 +126,27 @@ def check_run_config(cfg: CfgNode, eval_only: bool) -> None:
             is not a checkpoint, or an OUTPUT_DIR that cannot be created or written.
     """
     if not eval_only and cfg.SOLVER.MAX_ITER <= 0:
-        raise UsageError(f"SOLVER.MAX_ITER={cfg.SOLVER.MAX_ITER}: training needs at least 1 iteration")
+        raise UsageError(
+            f"SOLVER.MAX_ITER={cfg.SOLVER.MAX_ITER}: training needs at least 1 iteration"
+        )
     weights = cfg.MODEL.WEIGHTS
     if weights and "://" not in weights:
         if not os.path.isfile(weights):
             raise UsageError(f"MODEL.WEIGHTS: file not found: {weights}")
         _check_readable_checkpoint(weights)
     _check_writable_dir(cfg.OUTPUT_DIR)
+
+
+def untrained_warning(cfg: CfgNode, resume: bool = False) -> Optional[str]:
+    """The line to print when a model for inference gets no weights: MODEL.WEIGHTS empty (and,
+    with ``resume``, no checkpoint in OUTPUT_DIR); None otherwise."""
+    checkpoint = os.path.join(cfg.OUTPUT_DIR, "last_checkpoint")  # what --resume loads
+    if cfg.MODEL.WEIGHTS or (resume and os.path.isfile(checkpoint)):
+        return None
+    return (
+        "warning: MODEL.WEIGHTS is empty: the model is untrained (random weights) and its "
+        "predictions are meaningless; add MODEL.WEIGHTS <checkpoint>"
+    )
 
 
 def _check_readable_checkpoint(path: str) -> None:
@@ -211,6 +230,10 @@ def _worker(
         _die_with(launcher_pid)
     try:
         main(args)
+    except Preempted as e:  # the preemption checkpoint is saved: end normally
+        logging.getLogger("detectron2").info(
+            f"Process {comm.get_rank()} stopped after iteration {e.args[0]} (preempted)"
+        )
     except USER_ERRORS as e:
         prefix = f"process {comm.get_rank()}: " if comm.get_world_size() > 1 else ""
         print(f"error: {prefix}{e}", file=sys.stderr, flush=True)

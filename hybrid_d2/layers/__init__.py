@@ -9,6 +9,7 @@ from .classifier import (
     model_name,
     register_classifiers,
 )
+from .depthwise import DepthwiseConv2d, depthwise_conv2d
 from .dilated_attention import dilated_attention
 from .family import BackboneFamily, Option
 from .flops import FLOP_HANDLES, MMCV_FLOP_HANDLES, flop_count_analysis, flop_totals
@@ -35,6 +36,8 @@ __all__ = [
     "FrozenStatsBatchNorm2d",
     "PyramidBackbone",
     "SmallMapSafeConv2d",
+    "DepthwiseConv2d",
+    "depthwise_conv2d",
     "Stage",
     "checkpointed",
     "dilated_attention",

@@ -20,7 +20,7 @@ from hybrid_d2.backbones.dmformer import (
     uses_fused_branches,
 )
 from hybrid_d2.config import add_hybrid_config
-from hybrid_d2.layers import flop_count_analysis, inference_affine
+from hybrid_d2.layers import DepthwiseConv2d, flop_count_analysis, inference_affine
 
 FEATURES = ("res2", "res3", "res4", "res5")
 STRIDES = (4, 8, 16, 32)
@@ -163,7 +163,9 @@ def test_every_block_gates_each_image_by_its_own_content():
     finally:
         for hook in hooks:
             hook.remove()
-    assert [g.shape for g in gates] == [(2, c) for c, d in zip(CHANNELS, DEPTHS["s"]) for _ in range(d)]
+    assert [g.shape for g in gates] == [
+        (2, c) for c, d in zip(CHANNELS, DEPTHS["s"]) for _ in range(d)
+    ]
     # each image gets its own gate, which weighs its channels differently (at initialisation the
     # gates sit near 0.5 and differ by 1e-4 to 5e-2)
     assert all((g[0] - g[1]).abs().max() > 1e-5 and (g.std(1) > 1e-5).all() for g in gates)
@@ -194,13 +196,11 @@ def test_fused_branches_equal_separate_forward_and_backward():
         assert (a - b).abs().max() <= 1e-5 * max(1.0, a.abs().max().item())
 
 
-def test_auto_fuses_for_cpu_inference_only():
-    x = torch.zeros(1, 3, 8, 8)
-    assert uses_fused_branches("fused", x) and not uses_fused_branches("separate", x)
-    assert not uses_fused_branches("auto", x)  # autograd on: training takes the separate convs
-    with torch.no_grad():
-        assert uses_fused_branches("auto", x)
-        assert not uses_fused_branches("separate", x)
+def test_auto_runs_the_separate_depthwise_branches():
+    assert uses_fused_branches("fused")
+    assert not uses_fused_branches("separate") and not uses_fused_branches("auto")
+    branches = D2DMFormer("s").net.stages[0].blocks[0].dma.branches.branches
+    assert all(isinstance(conv, DepthwiseConv2d) for conv in branches)
 
 
 @pytest.mark.parametrize("norm", ["BN", "FrozenBN", "FrozenStatsBN", "BN train"])
@@ -219,15 +219,15 @@ def test_fused_branches_fold_a_running_statistics_batchnorm(norm):
     assert (inference_affine(dma.norm) is None) == norm.endswith("train")
 
 
-def test_auto_inference_path_equals_separate_convs():
-    """CPU inference ("auto": fused kernels on channels-last maps) vs the three-conv form."""
+def test_fused_inference_path_equals_separate_convs():
+    """CPU inference with fused kernels on channels-last maps vs the three-conv form."""
     torch.manual_seed(0)
     separate = calibrate_batchnorms(D2DMFormer("s", branches="separate", output_norm=False))
-    auto = D2DMFormer("s", output_norm=False).eval()
-    auto.load_state_dict(separate.state_dict())
+    fused = D2DMFormer("s", branches="fused", output_norm=False).eval()
+    fused.load_state_dict(separate.state_dict())
     x = torch.randn(1, 3, 97, 64)
     with torch.no_grad():
-        expected, got = separate(x), auto(x)
+        expected, got = separate(x), fused(x)
     assert got["res2"].is_contiguous(memory_format=torch.channels_last)
     for name in FEATURES:  # fp32 rounding of a 12-block network, relative to each map's scale
         scale = expected[name].abs().max()
@@ -287,7 +287,7 @@ def test_ablation_parameter_counts_match_table_5(depths, options, exact, paper):
 @pytest.mark.parametrize("variant", ["s", "l"])
 def test_classifier_macs_at_224(variant):
     torch.manual_seed(0)
-    # FLOP counting traces the model: "auto" then runs the three convs the paper counts
+    # FLOP counting traces the model: "auto" runs the three convs the paper counts
     gmacs = conv_linear_gmacs(DMFormerClassifier(variant), 224, 224)
     assert gmacs == pytest.approx(CLASSIFIER_GMACS[variant], rel=0.01)
 
@@ -312,8 +312,13 @@ def test_drop_path_schedule():
             for stage in backbone.net.stages
             for block in stage.blocks
         ]
-        torch.testing.assert_close(torch.tensor(rates), torch.linspace(0, rate, sum(DEPTHS[variant])))
-    assert D2DMFormer("s", drop_path_rate=0.0).net.stages[3].blocks[-1].drop_path.__class__ is nn.Identity
+        torch.testing.assert_close(
+            torch.tensor(rates), torch.linspace(0, rate, sum(DEPTHS[variant]))
+        )
+    assert (
+        D2DMFormer("s", drop_path_rate=0.0).net.stages[3].blocks[-1].drop_path.__class__
+        is nn.Identity
+    )
 
 
 def test_drop_path_is_active_in_training_only():
@@ -337,7 +342,9 @@ def build_from_config(*opts) -> D2DMFormer:
 
 
 def norms_of(backbone):
-    return {type(m) for m in backbone.modules() if isinstance(m, (nn.BatchNorm2d, FrozenBatchNorm2d))}
+    return {
+        type(m) for m in backbone.modules() if isinstance(m, (nn.BatchNorm2d, FrozenBatchNorm2d))
+    }
 
 
 def test_default_config_norm_trains_one_image_per_device():
@@ -352,7 +359,9 @@ def test_default_config_norm_trains_one_image_per_device():
     assert all(torch.isfinite(p.grad).all() for p in backbone.parameters())
 
 
-@pytest.mark.parametrize("norm, expected", [("BN", nn.BatchNorm2d), ("FrozenBN", FrozenBatchNorm2d)])
+@pytest.mark.parametrize(
+    "norm, expected", [("BN", nn.BatchNorm2d), ("FrozenBN", FrozenBatchNorm2d)]
+)
 def test_norm_chosen_by_config(norm, expected):
     backbone = build_from_config("MODEL.DMFORMER.NORM", norm)
     assert {t for t in norms_of(backbone)} == {expected}

@@ -10,14 +10,14 @@ from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
 from . import backbones  # noqa: F401  (registers the families)
-from .layers.family import FAMILIES, add_family_config
+from .layers.registration import FAMILIES, add_family_config
 
 
 def add_hybrid_config(cfg: CN) -> None:
     """Add the keys of every registered backbone family, the generic FPN wiring and the solver.
 
     Each family's keys, ``MODEL.<FAMILY>.*``, come from its declaration (``FAMILY`` in
-    ``hybrid_d2/backbones/<family>.py``, see ``hybrid_d2.layers.family.add_family_config``):
+    ``hybrid_d2/backbones/<family>.py``, see ``hybrid_d2.layers.registration.add_family_config``):
     VARIANT, OUT_FEATURES, DROP_PATH_RATE (None: the variant's own rate), the family's options
     with their defaults and comments, OUTPUT_NORM and USE_CHECKPOINT. They are:
 

@@ -1,4 +1,5 @@
 """Shared fixtures: a private datasets root with the generated shapes data, and a train_net runner."""
+import functools
 import os
 import re
 import subprocess
@@ -115,19 +116,15 @@ def load_as_train_net_does(config: Path, weights: Path, monkeypatch):
     """Build ``config``'s detector and load ``weights`` with train_net.py's own steps for
     ``--eval-only MODEL.WEIGHTS`` (its config, its model, its checkpointer), on CPU.
     Returns the model and the checkpointer's report of incompatible keys."""
-    import importlib.util
-
     from hybrid_d2.checkpoint import SafeCheckpointer
+    from hybrid_d2.engine import Trainer, build_config, parse_train_args
 
-    spec = importlib.util.spec_from_file_location("train_net", REPO_ROOT / "train_net.py")
-    train_net = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_net)
-    args = train_net.parse_train_args(
+    args = parse_train_args(
         ["--config-file", str(config), "--eval-only", "MODEL.WEIGHTS", str(weights),
          "MODEL.DEVICE", "cpu"]
     )  # fmt: skip
-    cfg = train_net.build_config(args)
-    model = train_net.Trainer.build_model(cfg)
+    cfg = build_config(args)
+    model = Trainer.build_model(cfg)
     reports = []
     load_model = SafeCheckpointer._load_model
     monkeypatch.setattr(
@@ -137,6 +134,21 @@ def load_as_train_net_does(config: Path, weights: Path, monkeypatch):
     SafeCheckpointer(model).resume_or_load(cfg.MODEL.WEIGHTS, resume=False)
     (incompatible,) = reports
     return model, incompatible
+
+
+@functools.lru_cache(maxsize=None)
+def smallest_variant(name: str) -> str:
+    """The variant of a registered family with the fewest network parameters."""
+    from hybrid_d2.layers import FAMILIES
+
+    family = FAMILIES[name]
+
+    def parameters(variant: str) -> int:
+        with torch.device("meta"):  # shapes only
+            network = family.build_network(variant, 0.0, False, family.resolve_options({}))
+        return sum(p.numel() for p in network.parameters())
+
+    return min(family.variants, key=parameters)
 
 
 def load_config(path, opts=()):

@@ -1,6 +1,5 @@
 """Checkpoints: atomic and finite when saved, nothing saved after a NaN loss, loaded without
 running pickled code, and refused when they are for another backbone variant."""
-import importlib.util
 import os
 import pickle
 import re
@@ -11,13 +10,10 @@ import torch
 from detectron2.modeling import build_model
 from torch import nn
 
-from conftest import REPO_ROOT, SHAPES_CONFIG, load_config
+from conftest import SHAPES_CONFIG, load_config
 from hybrid_d2.checkpoint import CheckpointMismatchError, SafeCheckpointer
+from hybrid_d2.engine import Trainer
 from hybrid_d2.utils import atomic_output
-
-_SPEC = importlib.util.spec_from_file_location("train_net", REPO_ROOT / "train_net.py")
-train_net = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(train_net)
 
 TINY = [
     "SOLVER.IMS_PER_BATCH", 2,
@@ -47,7 +43,7 @@ def _visible_files(directory):
 def trained(shapes_datasets, tmp_path_factory):
     """A two-iteration run of the real Trainer, checkpointing after each iteration."""
     out = tmp_path_factory.mktemp("trained")
-    trainer = train_net.Trainer(_cfg(out, "SOLVER.MAX_ITER", 2))
+    trainer = Trainer(_cfg(out, "SOLVER.MAX_ITER", 2))
     trainer.resume_or_load(resume=False)
     trainer.train()
     return out
@@ -128,8 +124,8 @@ def test_nan_loss_stops_training_without_a_checkpoint(
     cfg = _cfg(tmp_path, "SOLVER.MAX_ITER", 3, "DATASETS.TEST", ("shapes_val",))
     evaluated = []
     evaluate = classmethod(lambda cls, *args, **kwargs: evaluated.append(1))
-    monkeypatch.setattr(train_net.Trainer, "test", evaluate)
-    trainer = train_net.Trainer(cfg)
+    monkeypatch.setattr(Trainer, "test", evaluate)
+    trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)
 
     def poison(module, inputs, losses):  # the model's loss dict, NaN at one iteration

@@ -13,7 +13,8 @@ from torch import nn
 
 from conftest import randomize_batchnorms
 from hybrid_d2.backbones import D2DilateFormer, build_hybrid_fpn_backbone
-from hybrid_d2.checkpoint import CONVERTERS, convert_dilateformer, load_checkpoint_file
+from hybrid_d2.checkpoint import convert_dilateformer, load_checkpoint_file
+from hybrid_d2.layers import FAMILIES
 from hybrid_d2.config import add_hybrid_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,7 +82,7 @@ def load_into_backbone(state_dict: dict, **kwargs) -> D2DilateFormer:
 
 def test_round_trip_reproduces_the_network_exactly(checkpoint_file, expected_outputs):
     official = load_checkpoint_file(str(checkpoint_file))
-    state_dict, dropped = CONVERTERS["dilateformer"](official, VARIANT)
+    state_dict, dropped = FAMILIES["dilateformer"].convert_official(official, VARIANT)
     assert sorted(dropped) == ["head.bias", "head.weight", "norm.bias", "norm.weight"]
     assert all(k.startswith("backbone.bottom_up.net.") for k in state_dict)
     with torch.no_grad():

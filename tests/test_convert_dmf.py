@@ -14,12 +14,8 @@ from conftest import load_config, randomize_batchnorms
 from official_formats import dmf_classifier_tail as classifier_tail
 from hybrid_d2.backbones import DynamicMobileFormer
 from hybrid_d2.backbones.dmf import DynamicResidualConv2d, variant_config
-from hybrid_d2.checkpoint import (
-    CONVERTERS,
-    SafeCheckpointer,
-    convert_dmf,
-    load_checkpoint_file,
-)
+from hybrid_d2.checkpoint import SafeCheckpointer, convert_dmf, load_checkpoint_file
+from hybrid_d2.layers import FAMILIES
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC = importlib.util.spec_from_file_location(
@@ -97,7 +93,7 @@ def test_converter_drops_the_classifier_and_reproduces_the_network(
     network, official, expected_outputs, tmp_path
 ):
     container = official_container(official)
-    state_dict, dropped = CONVERTERS["dmf"](container["model"], VARIANT)
+    state_dict, dropped = FAMILIES["dmf"].convert_official(container["model"], VARIANT)
     assert sorted(dropped) == sorted(classifier_tail())
     assert all(k.startswith("backbone.bottom_up.net.") for k in state_dict)
     assert sorted(state_dict) == sorted("backbone.bottom_up.net." + k for k in network.state_dict())

@@ -18,7 +18,8 @@ from conftest import randomize_batchnorms
 from official_formats import mixformer_paddle_state
 from hybrid_d2.backbones import D2MixFormer, MixFormer, build_hybrid_fpn_backbone
 from hybrid_d2.backbones.mixformer import VARIANTS
-from hybrid_d2.checkpoint import CONVERTERS, convert_mixformer, load_checkpoint_file
+from hybrid_d2.checkpoint import convert_mixformer, load_checkpoint_file
+from hybrid_d2.layers import FAMILIES
 from hybrid_d2.config import add_hybrid_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -140,7 +141,9 @@ def test_pdparams_loader_reads_numpy_pickles(official, tmp_path, protocol):
 
 
 def test_convert_torch_file_reproduces_the_network(torch_file, official, expected_outputs):
-    state_dict, dropped = CONVERTERS["mixformer"](load_checkpoint_file(str(torch_file)), VARIANT)
+    state_dict, dropped = FAMILIES["mixformer"].convert_official(
+        load_checkpoint_file(str(torch_file)), VARIANT
+    )
     assert_equal_outputs(backbone_outputs(state_dict), expected_outputs)
     tail = {
         "norm.weight",

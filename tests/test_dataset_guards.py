@@ -21,7 +21,9 @@ from detectron2.data import transforms as T
 from detectron2.data.datasets import register_coco_instances
 from detectron2.structures import BoxMode
 
+from conftest import SHAPES_CONFIG, load_config
 from hybrid_d2.data.guards import check_dataset_dicts, load_detection_dataset_dicts
+from hybrid_d2.engine import Trainer
 
 SIZE = 64
 CATEGORIES = [{"id": 1, "name": "square"}, {"id": 2, "name": "circle"}]
@@ -274,3 +276,19 @@ def test_datasets_left_without_images_are_refused(coco):
     unfiltered = get_detection_dataset_dicts([name], filter_empty=False)
     with pytest.raises(ValueError, match="None of the 2 images .* has a non-crowd annotation"):
         check_dataset_dicts(unfiltered, [name], num_classes=2)
+
+
+@pytest.mark.parametrize("sampler", ["TrainingSampler", "RandomSubsetTrainingSampler"])
+def test_both_training_loaders_read_checked_records(coco, sampler):
+    """The Trainer's resumable loader and Detectron2's loader (for a sampler that cannot seek)
+    refuse the same bad record before training."""
+    categories = CATEGORIES + [{"id": 3, "name": "star"}]
+    annotations = CLEAN_ANNOTATIONS + [annotation(3, 2, [1, 1, 5, 5], 3)]
+    name = coco(annotations=annotations, categories=categories)
+    cfg = load_config(
+        SHAPES_CONFIG,
+        ["DATASETS.TRAIN", (name,), "MODEL.ROI_HEADS.NUM_CLASSES", 2,
+         "DATALOADER.SAMPLER_TRAIN", sampler, "DATALOADER.NUM_WORKERS", 0],
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=rf"dataset '{name}'.* outside \[0, 2\)"):
+        Trainer.build_train_loader(cfg)

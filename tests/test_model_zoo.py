@@ -9,8 +9,7 @@ from fvcore.nn import parameter_count
 from detectron2.modeling import build_model
 
 from conftest import REPO_ROOT, load_config
-from hybrid_d2.backbones import MIXFORMER_VARIANTS
-from hybrid_d2.layers import flop_count_analysis, flop_totals
+from hybrid_d2.layers import FAMILIES, flop_count_analysis, flop_totals
 
 sys.path.insert(0, str(REPO_ROOT / "tools"))
 import model_zoo  # noqa: E402
@@ -72,8 +71,8 @@ def test_missing_markers_fail_clearly(tmp_path, capsys):
 
 def test_check_passes_on_the_real_tables_and_names_a_changed_variant(monkeypatch, capsys):
     assert model_zoo.main(["--check"]) == 0
-    changed = dict(MIXFORMER_VARIANTS["b1"], depths=(1, 2, 6, 7))
-    monkeypatch.setitem(MIXFORMER_VARIANTS, "b1", changed)
+    variants = FAMILIES["mixformer"].variants
+    monkeypatch.setitem(variants, "b1", dict(variants["b1"], depths=(1, 2, 6, 7)))
     assert model_zoo.main(["--check", "--families", "mixformer", "dmf"]) == 1
     errors = capsys.readouterr().err
     assert "mixformer b1: expected 6,277,405 params, got " in errors

@@ -2,7 +2,6 @@
 run SIGKILLed several times (in the middle of checkpoint saves too) and resumed with --resume ends
 with the losses and weights of an uninterrupted run."""
 import functools
-import importlib.util
 import json
 import os
 import random
@@ -23,6 +22,7 @@ from detectron2.data.samplers import RepeatFactorTrainingSampler
 
 from conftest import REPO_ROOT, SHAPES_CONFIG, load_config
 from hybrid_d2.data.resumable import ResumableTrainLoader, _EpochOrder
+from hybrid_d2.engine import Trainer
 from hybrid_d2.engine.launch import LOCK_FILE_NAME
 
 MAX_ITER = 10
@@ -370,14 +370,10 @@ def test_mapping_leaves_the_callers_rngs_alone(shapes_datasets):
 
 
 def test_trainer_resumes_its_seed_and_stream_position(shapes_datasets, tmp_path):
-    spec = importlib.util.spec_from_file_location("train_net", REPO_ROOT / "train_net.py")
-    train_net = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_net)
-
     def trainer(max_iter):
         opts = ["DATALOADER.NUM_WORKERS", 0, "SEED", -1, "SOLVER.MAX_ITER", max_iter]
         opts += ["OUTPUT_DIR", str(tmp_path)]
-        return train_net.Trainer(load_config(SHAPES_CONFIG, [*TINY, *opts]))
+        return Trainer(load_config(SHAPES_CONFIG, [*TINY, *opts]))
 
     first = trainer(2)  # SEED -1: a seed is drawn, and saved in the checkpoints
     first.resume_or_load(resume=True)

@@ -9,7 +9,7 @@ from detectron2.utils.events import EventStorage
 from fvcore.nn import parameter_count
 
 from conftest import REPO_ROOT, load_config
-from hybrid_d2.layers.family import FAMILIES
+from hybrid_d2.layers import FAMILIES
 from hybrid_d2.segmentation import SemanticFPNHead, UperNetHead, sem_seg_loss
 
 SWIN_T_CHANNELS = (96, 192, 384, 768)

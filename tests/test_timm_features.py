@@ -11,10 +11,9 @@ from torch import nn
 
 import hybrid_d2.backbones
 from conftest import REPO_ROOT
-from hybrid_d2.checkpoint import CLASSIFIERS
 from hybrid_d2.layers import FAMILIES
 
-NAMES = [f"hybrid_{family}_{v}" for family, (_, variants) in CLASSIFIERS.items() for v in variants]
+NAMES = [f"hybrid_{name}_{v}" for name, family in FAMILIES.items() for v in family.variants]
 # The smallest variant of each family, for the comparisons that run the networks.
 SMALLEST = {
     "mixformer": "b0",
@@ -43,8 +42,8 @@ def _backbone(family: str, variant: str) -> nn.Module:
 def test_features_only_describes_the_detectron2_maps(name):
     family, variant = next(
         (f, v)
-        for f, (_, variants) in CLASSIFIERS.items()
-        for v in variants
+        for f, declaration in FAMILIES.items()
+        for v in declaration.variants
         if name == f"hybrid_{f}_{v}"
     )
     with torch.device("meta"):  # shapes and names only
@@ -54,7 +53,7 @@ def test_features_only_describes_the_detectron2_maps(name):
     assert model.feature_info.reduction() == [8, 32]
     for module in model.feature_info.module_name():
         model.model.get_submodule(module)  # names a module of the network
-    tail = CLASSIFIERS[family][0].TAIL  # pruned: no classification parameters
+    tail = FAMILIES[family].classifier.TAIL  # pruned: no classification parameters
     assert not [n for n, _ in model.model.named_parameters() if n.split(".")[0] in tail]
 
 

@@ -23,10 +23,11 @@ from official_formats import (
     write_pdparams,
 )
 from hybrid_d2.backbones.dmf import DynamicResidualConv2d
-from hybrid_d2.checkpoint import CLASSIFIERS, convert_timm_checkpoint
+from hybrid_d2.checkpoint import convert_timm_checkpoint
+from hybrid_d2.layers import FAMILIES
 from hybrid_d2.layers import ClassifierMixin
 
-NAMES = [f"hybrid_{family}_{v}" for family, (_, variants) in CLASSIFIERS.items() for v in variants]
+NAMES = [f"hybrid_{name}_{v}" for name, family in FAMILIES.items() for v in family.variants]
 # Classification parameters with the 1000-class head: exact where the design notes derive an
 # exact count, else (count, relative tolerance) of the notes' analytic count.
 PARAMS = {

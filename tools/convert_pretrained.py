@@ -34,13 +34,11 @@ from typing import List, Optional, Tuple
 import torch
 
 from hybrid_d2.checkpoint import (
-    CLASSIFIERS,
-    CONVERTERS,
     convert_timm_checkpoint,
     load_checkpoint_file,
     read_torch_checkpoint,
 )
-from hybrid_d2.layers import model_name
+from hybrid_d2.layers import FAMILIES, model_name
 from hybrid_d2.utils import atomic_output
 
 
@@ -55,7 +53,8 @@ def _convert(args: argparse.Namespace) -> Tuple[dict, int, int, str]:
         )
         read = len(checkpoint["state_dict_ema" if args.ema else "state_dict"])
     else:
-        if args.family not in CONVERTERS:
+        family = FAMILIES[args.family]
+        if family.converter is None:
             raise ValueError(
                 f"--family {args.family}: no official weights exist; pretrain with timm and "
                 "convert with --from timm (docs/pretraining.md)"
@@ -64,7 +63,7 @@ def _convert(args: argparse.Namespace) -> Tuple[dict, int, int, str]:
             raise ValueError("--variant is required with --from official")
         variant = args.variant
         official = load_checkpoint_file(args.input, use_ema=args.ema)
-        state_dict, dropped = CONVERTERS[args.family](official, variant, keep_head=args.keep_head)
+        state_dict, dropped = family.convert_official(official, variant, keep_head=args.keep_head)
         read = len(official)
     if args.keep_head:
         checkpoint = {"state_dict": state_dict, "arch": model_name(args.family, variant)}
@@ -75,7 +74,7 @@ def _convert(args: argparse.Namespace) -> Tuple[dict, int, int, str]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", required=True, choices=sorted(CLASSIFIERS))
+    parser.add_argument("--family", required=True, choices=sorted(FAMILIES))
     parser.add_argument(
         "--variant",
         help="e.g. b4 (mixformer B4), small (dilateformer S) or xs (dmf XS); with --from timm "

@@ -40,13 +40,7 @@ from torch import nn
 from tqdm import tqdm
 
 from hybrid_d2 import get_config
-from hybrid_d2.backbones import (
-    DILATEFORMER_VARIANTS,
-    DMF_VARIANTS,
-    DMFORMER_VARIANTS,
-    DUALFORMER_VARIANTS,
-    MIXFORMER_VARIANTS,
-)
+from hybrid_d2.layers import FAMILIES as REGISTERED_FAMILIES
 from hybrid_d2.layers import flop_totals
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -67,13 +61,10 @@ SECTIONS = {
 }
 NUM_BOXES, NUM_MASKS = 1000, 100  # mmdetection's forward_dummy
 PARAMS_TOLERANCE, FLOPS_TOLERANCE = 0.03, 0.05
-# family: (config node, variant table, BottomUp builder) for --check
+# family: (config node, variant table, BottomUp builder) for --check, of every registered family
 FAMILIES = {
-    "mixformer": ("MIXFORMER", MIXFORMER_VARIANTS, "build_mixformer_backbone"),
-    "dilateformer": ("DILATEFORMER", DILATEFORMER_VARIANTS, "build_dilateformer_backbone"),
-    "dualformer": ("DUALFORMER", DUALFORMER_VARIANTS, "build_dualformer_backbone"),
-    "dmf": ("DMF", DMF_VARIANTS, "build_dmf_backbone"),
-    "dmformer": ("DMFORMER", DMFORMER_VARIANTS, "build_dmformer_backbone"),
+    name: (family.config_key, family.variants, family.builder_name)
+    for name, family in REGISTERED_FAMILIES.items()
 }
 
 

@@ -40,7 +40,6 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from timm.layers import DropPath, Mlp, trunc_normal_
 from torch import nn
 
@@ -51,9 +50,12 @@ from ..layers import (
     ClassifierMixin,
     channel_norm,
     SmallMapSafeConv2d,
+    Stage,
     dilated_attention,
     get_norm,
     pad_to_multiple,
+    to_channels_first,
+    to_channels_last,
     window_attention_mask,
     window_partition,
     window_reverse,
@@ -121,14 +123,6 @@ def stage3_pattern(variant: str, mode: str) -> Tuple[str, ...]:
     raise ValueError(f"unknown stage-3 attention mode {mode!r}; expected one of {STAGE3_MODES}")
 
 
-def _channels_first(x: torch.Tensor) -> torch.Tensor:
-    return x.permute(0, 3, 1, 2)
-
-
-def _channels_last(x: torch.Tensor) -> torch.Tensor:
-    return x.permute(0, 2, 3, 1)
-
-
 class PatchEmbed(nn.Module):
     """Overlapping tokenizer (paper §III-C; layers as the official ``PatchEmbed``): 3x3 convs with
     strides 1, 2, 1, 2."""
@@ -150,7 +144,7 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, H', W', C) channels-last, H' = ceil(ceil(H / 2) / 2)."""
-        return _channels_last(self.proj(x)).contiguous()
+        return to_channels_last(self.proj(x)).contiguous()
 
 
 class Downsample(nn.Module):
@@ -164,7 +158,7 @@ class Downsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) -> (B, ceil(H / 2), ceil(W / 2), 2C)."""
-        return _channels_last(self.proj(_channels_first(x))).contiguous()
+        return to_channels_last(self.proj(to_channels_first(x))).contiguous()
 
 
 class MultiDilateAttention(nn.Module):
@@ -266,42 +260,9 @@ class DilateBlock(nn.Module):
         self.mlp = Mlp(dim, hidden_features=int(dim * mlp_ratio))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + _channels_last(self.pos_embed(_channels_first(x)))  # Eq. (6), no drop path
+        x = x + to_channels_last(self.pos_embed(to_channels_first(x)))  # Eq. (6), no drop path
         x = x + self.drop_path(self.attn(self.norm1(x)))  # Eq. (7)
         return x + self.drop_path(self.mlp(self.norm2(x)))  # Eq. (8)
-
-
-class Stage(nn.Module):
-    """Blocks at one resolution, then (except in the last stage) the downsampler."""
-
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        attention: Sequence[str],
-        window_size: int,
-        mlp_ratio: float,
-        drop_paths: Sequence[float],
-        norm: str,
-        downsample: bool,
-        use_checkpoint: bool,
-    ):
-        super().__init__()
-        self.use_checkpoint = use_checkpoint
-        self.blocks = nn.ModuleList(
-            DilateBlock(dim, num_heads, kind, window_size, mlp_ratio, rate)
-            for kind, rate in zip(attention, drop_paths)
-        )
-        self.downsample = Downsample(dim, norm) if downsample else None
-
-    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Returns the stage output and its downsampled version (None in the last stage)."""
-        for block in self.blocks:
-            if self.use_checkpoint and self.training:
-                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
-        return x, self.downsample(x) if self.downsample is not None else None
 
 
 class DilateFormer(nn.Module):
@@ -352,19 +313,12 @@ class DilateFormer(nn.Module):
         self.stages = nn.ModuleList()
         for i, (dim, depth, heads) in enumerate(zip(self.channels, depths, num_heads)):
             first = sum(depths[:i])
-            self.stages.append(
-                Stage(
-                    dim,
-                    heads,
-                    attention[i],
-                    window_size,
-                    mlp_ratio,
-                    drop_paths[first : first + depth],
-                    norm,
-                    downsample=i < 3,
-                    use_checkpoint=use_checkpoint,
-                )
-            )
+            blocks = [
+                DilateBlock(dim, heads, kind, window_size, mlp_ratio, rate)
+                for kind, rate in zip(attention[i], drop_paths[first : first + depth])
+            ]
+            downsample = Downsample(dim, norm) if i < 3 else None
+            self.stages.append(Stage(blocks, downsample, use_checkpoint))
         self.apply(self._init_weights)
 
     @staticmethod
@@ -383,7 +337,7 @@ class DilateFormer(nn.Module):
         outputs = []
         for stage in self.stages:
             out, x = stage(x)
-            outputs.append(_channels_first(out).contiguous())
+            outputs.append(to_channels_first(out).contiguous())
         return outputs
 
 
@@ -393,46 +347,6 @@ def _network_options(variant: str, options: Dict[str, Any]) -> Dict[str, Any]:
     if options["window_size"] < 1:
         raise ValueError(f"window_size={options['window_size']}: expected a positive window side")
     return dict(options, stage3_attention=pattern)
-
-
-FAMILY = BackboneFamily(
-    name="dilateformer",
-    title="DilateFormer",
-    backbone_name="D2DilateFormer",
-    network=DilateFormer,
-    variants=VARIANTS,
-    default_variant="small",
-    variant_help="tiny, small, base (paper Table II)",
-    drop_path_help="stochastic depth; None: the variant's detection default, tiny 0.2, small 0.2, "
-    "base 0.3 (VARIANTS; ImageNet used 0.1)",
-    options=(
-        Option(
-            "norm",
-            "FrozenBN",
-            "the stem's and downsamplers' BatchNorms: \"FrozenBN\" (ImageNet statistics; 2 images "
-            'per GPU make batch statistics noisy), "BN" or "SyncBN"',
-            norm=True,
-        ),
-        Option(
-            "stage3_attention",
-            "mixed",
-            'stage-3 attention (docs/dilateformer.md): "global" (the classification model), '
-            '"window" (non-overlapping windows) or "mixed" (window / shifted window / global '
-            "blocks, the paper's detection setting; pattern per variant in VARIANTS)",
-        ),
-        Option(
-            "window_size",
-            7,
-            "window side of the stage-3 (shifted-)window blocks: 7 or 14",
-        ),
-    ),
-    extra_variant_keys=("stage3_mixed",),
-    imagenet_drop_path={variant: IMAGENET_DROP_PATH for variant in VARIANTS},
-    network_options=_network_options,
-    stem_and_stages=lambda net: (net.patch_embed, net.stages),
-)
-
-variant_config = FAMILY.variant_config  # a copy of a variant's table entry, checked
 
 
 class DilateFormerClassifier(ClassifierMixin, DilateFormer):
@@ -454,9 +368,45 @@ class DilateFormerClassifier(ClassifierMixin, DilateFormer):
         return channel_norm(self.norm, DilateFormer.forward(self, x)[-1])
 
 
-D2DilateFormer, build_dilateformer_backbone = register_family(
-    FAMILY,
-    __name__,
-    DilateFormerClassifier,
+FAMILY = BackboneFamily(
+    name="dilateformer",
+    title="DilateFormer",
+    backbone_name="D2DilateFormer",
+    network=DilateFormer,
+    variants=VARIANTS,
+    default_variant="small",
+    classifier=DilateFormerClassifier,
     timm_cfg=dict(first_conv="patch_embed.proj.0"),
+    converter="hybrid_d2.checkpoint.dilateformer:convert_dilateformer",
+    options=(
+        Option(
+            "norm",
+            "the stem's and downsamplers' BatchNorms: \"FrozenBN\" (ImageNet statistics; 2 images "
+            'per GPU make batch statistics noisy), "BN" or "SyncBN"',
+            norm=True,
+        ),
+        Option(
+            "stage3_attention",
+            'stage-3 attention (docs/dilateformer.md): "global" (the classification model), '
+            '"window" (non-overlapping windows) or "mixed" (window / shifted window / global '
+            "blocks, the paper's detection setting; pattern per variant in VARIANTS)",
+            default="mixed",
+        ),
+        Option(
+            "window_size",
+            "window side of the stage-3 (shifted-)window blocks: 7 or 14",
+        ),
+    ),
+    extra_variant_keys=("stage3_mixed",),
+    imagenet_drop_path={variant: IMAGENET_DROP_PATH for variant in VARIANTS},
+    network_options=_network_options,
+    stem_and_stages=lambda net: (net.patch_embed, net.stages),
 )
+
+variant_config = FAMILY.variant_config  # a copy of a variant's table entry, checked
+
+
+# Made here by register_family (hybrid_d2.layers.registration): the Detectron2 backbone
+# D2DilateFormer, its builder build_dilateformer_backbone and the timm models
+# hybrid_dilateformer_tiny, hybrid_dilateformer_small, hybrid_dilateformer_base.
+D2DilateFormer, build_dilateformer_backbone = register_family(FAMILY, __name__)

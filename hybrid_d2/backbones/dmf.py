@@ -38,7 +38,6 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.layers.batch_norm import NaiveSyncBatchNorm
 from detectron2.utils import comm
@@ -51,6 +50,7 @@ from ..layers import (
     register_family,
     ClassifierMixin,
     FrozenStatsBatchNorm2d,
+    checkpointed,
     get_norm,
 )
 
@@ -496,7 +496,7 @@ class DynamicMobileFormer(nn.Module):
         outputs = []
         for i, block in enumerate(self.blocks):
             if self.use_checkpoint and self.training:
-                x, tokens = torch.utils.checkpoint.checkpoint(block, x, tokens, use_reentrant=False)
+                x, tokens = checkpointed(block, x, tokens)
             else:
                 x, tokens = block(x, tokens)
             if i in OUTPUT_BLOCKS:
@@ -506,8 +506,8 @@ class DynamicMobileFormer(nn.Module):
 
 def _network_options(variant: str, options: Dict[str, Any]) -> Dict[str, Any]:
     """The network's names for the options (FROZEN_BLOCKS concerns only the freezing)."""
-    options = dict(options, temperature=options.pop("kernel_temperature"))
-    options.pop("frozen_blocks")
+    options = dict(options, temperature=options["kernel_temperature"])
+    del options["kernel_temperature"], options["frozen_blocks"]
     return options
 
 
@@ -526,58 +526,6 @@ def _frozen_modules(backbone: nn.Module, freeze_at: int) -> List[nn.Module]:
         frozen += [net.stem, net.lite_bottleneck]
         net.tokens.requires_grad = False
     return frozen
-
-
-FAMILY = BackboneFamily(
-    name="dmf",
-    title="DMF",
-    backbone_name="D2DynamicMobileFormer",
-    network=DynamicMobileFormer,
-    variants=VARIANTS,
-    default_variant="s",
-    variant_help="xxs, xs, s (paper Table 1)",
-    drop_path_help="stochastic depth; None: the variant's default, 0.1 for xxs, xs and s (the "
-    "paper's and the official detection configs' value; VARIANTS)",
-    options=(
-        Option(
-            "norm",
-            "BN",
-            'the BatchNorms on feature maps: "BN", "SyncBN" (the paper\'s COCO runs) or "FrozenBN"',
-            norm=True,
-        ),
-        Option(
-            "pooled_norm",
-            "FrozenStatsBN",
-            "the kernel attentions' BatchNorm, which sees one pooled vector per image "
-            '(docs/dmf.md): "FrozenStatsBN" (running statistics, trainable affine: works with 1 '
-            'image per device), "FrozenBN", or "BN" / "SyncBN" (batch statistics as in the '
-            "official code; needs >= 2 images per norm group in training)",
-            norm=True,
-        ),
-        Option(
-            "kernel_temperature",
-            1.0,
-            "T in the kernel attention's sigmoid(logits / T); 1 in the official detection code",
-        ),
-        Option(
-            "grn",
-            "dmf_code",
-            'GRN of the IRFFN: "dmf_code" (the official code\'s, normaliser ~1) or "convnextv2"',
-        ),
-        Option(
-            "frozen_blocks",
-            0,
-            "freeze DMF blocks 0 ... frozen_blocks - 1 (parameters and eval mode) and nothing "
-            "else; 4 is the official detection setting (mmdet frozen_stages=1), which the paper's "
-            "detection parameter counts imply. Applies on top of MODEL.BACKBONE.FREEZE_AT",
-        ),
-    ),
-    output_norm=False,  # the official detection backbone has none
-    network_options=_network_options,
-    frozen_modules=_frozen_modules,
-)
-
-variant_config = FAMILY.variant_config  # a copy of a variant's table entry, checked
 
 
 class DMFClassifier(ClassifierMixin, DynamicMobileFormer):
@@ -601,7 +549,7 @@ class DMFClassifier(ClassifierMixin, DynamicMobileFormer):
     NETWORK_DEFAULTS = {"norm": "BN", "pooled_norm": "BN", "temperature": 1.0}
 
     def _init_tail(self, variant: str, drop_path_rate: float, settings: dict) -> int:
-        config = FAMILY.architecture(variant)
+        config = self.family.architecture(variant)
         width, hidden = CLASSIFIER_WIDTHS[variant]
         channels = config["channels"][-1]
         # drop path slots 11 and 12 (module docstring, DROP_PATH_SLOTS)
@@ -663,10 +611,57 @@ class DMFClassifier(ClassifierMixin, DynamicMobileFormer):
         return x if pre_logits else self.head.fc2(x)
 
 
-D2DynamicMobileFormer, build_dmf_backbone = register_family(
-    FAMILY,
-    __name__,
-    DMFClassifier,
+FAMILY = BackboneFamily(
+    name="dmf",
+    title="DMF",
+    backbone_name="D2DynamicMobileFormer",
+    network=DynamicMobileFormer,
+    variants=VARIANTS,
+    default_variant="s",
+    classifier=DMFClassifier,
     # crop_pct: the official model's default config
     timm_cfg=dict(first_conv="stem.conv", crop_pct=0.9, classifier="head.fc2"),
+    converter="hybrid_d2.checkpoint.dmf:convert_dmf",
+    options=(
+        Option(
+            "norm",
+            'the BatchNorms on feature maps: "BN", "SyncBN" (the paper\'s COCO runs) or "FrozenBN"',
+            norm=True,
+        ),
+        Option(
+            "pooled_norm",
+            "the kernel attentions' BatchNorm, which sees one pooled vector per image "
+            '(docs/dmf.md): "FrozenStatsBN" (running statistics, trainable affine: works with 1 '
+            'image per device), "FrozenBN", or "BN" / "SyncBN" (batch statistics as in the '
+            "official code; needs >= 2 images per norm group in training)",
+            norm=True,
+        ),
+        Option(
+            "kernel_temperature",
+            "T in the kernel attention's sigmoid(logits / T); 1 in the official detection code",
+            default=1.0,
+        ),
+        Option(
+            "grn",
+            'GRN of the IRFFN: "dmf_code" (the official code\'s, normaliser ~1) or "convnextv2"',
+        ),
+        Option(
+            "frozen_blocks",
+            "freeze DMF blocks 0 ... frozen_blocks - 1 (parameters and eval mode) and nothing "
+            "else; 4 is the official detection setting (mmdet frozen_stages=1), which the paper's "
+            "detection parameter counts imply. Applies on top of MODEL.BACKBONE.FREEZE_AT",
+            default=0,
+        ),
+    ),
+    output_norm=False,  # the official detection backbone has none
+    network_options=_network_options,
+    frozen_modules=_frozen_modules,
 )
+
+variant_config = FAMILY.variant_config  # a copy of a variant's table entry, checked
+
+
+# Made here by register_family (hybrid_d2.layers.registration): the Detectron2 backbone
+# D2DynamicMobileFormer, its builder build_dmf_backbone and the timm models hybrid_dmf_s,
+# hybrid_dmf_xs, hybrid_dmf_xxs.
+D2DynamicMobileFormer, build_dmf_backbone = register_family(FAMILY, __name__)

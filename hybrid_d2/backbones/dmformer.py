@@ -25,23 +25,18 @@ Additions for detection:
   (each a ``DepthwiseConv2d``, whose CPU path turns the dilation into undilated convs over
   sub-grids and runs a faster backward: hybrid_d2.layers.depthwise), on CUDA and under FLOP
   tracing.
-* Activation checkpointing recomputes a block with its BatchNorms' momentum at 0, so that the
-  running statistics are updated once per step, as without checkpointing.
 
 ``DMFormerClassifier`` is the ImageNet model (the trunk plus LayerNorm, average pool and Linear:
 the paper describes no head; VAN's gives its parameter counts), registered with timm as
 ``hybrid_dmformer_<variant>`` (docs/pretraining.md).
 """
 
-import contextlib
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from timm.layers import DropPath, trunc_normal_
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..layers import (
     BackboneFamily,
@@ -50,6 +45,7 @@ from ..layers import (
     ClassifierMixin,
     DepthwiseConv2d,
     SmallMapSafeConv2d,
+    Stage,
     channel_norm,
     get_norm,
     inference_affine,
@@ -282,51 +278,6 @@ class DMFormerBlock(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))  # Eq. (6)
 
 
-@contextlib.contextmanager
-def running_stats_frozen(module: nn.Module) -> Iterator[None]:
-    """Let ``module``'s BatchNorms normalise with batch statistics without updating their running
-    statistics (momentum 0; num_batches_tracked restored): a checkpointed block's recomputation."""
-    norms = [m for m in module.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
-    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
-    for m in norms:
-        m.momentum = 0.0
-    try:
-        yield
-    finally:
-        for m, (momentum, tracked) in zip(norms, saved):
-            m.momentum = momentum
-            m.num_batches_tracked.copy_(tracked)
-
-
-class Stage(nn.Module):
-    """Blocks at one resolution, then (except in the last stage) the downsampler."""
-
-    def __init__(
-        self,
-        blocks: Sequence[DMFormerBlock],
-        downsample: Optional[Downsample],
-        use_checkpoint: bool,
-    ):
-        super().__init__()
-        self.blocks = nn.ModuleList(blocks)
-        self.downsample = downsample
-        self.use_checkpoint = use_checkpoint
-
-    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Returns the stage output and its downsampled version (None in the last stage)."""
-        for block in self.blocks:
-            if self.use_checkpoint and self.training:
-                x = torch.utils.checkpoint.checkpoint(
-                    block,
-                    x,
-                    use_reentrant=False,
-                    context_fn=lambda b=block: (contextlib.nullcontext(), running_stats_frozen(b)),
-                )
-            else:
-                x = block(x)
-        return x, self.downsample(x) if self.downsample is not None else None
-
-
 class DMFormer(nn.Module):
     """DMFormer feature extractor: conv stem and four stages, without the classification head.
 
@@ -411,42 +362,6 @@ class DMFormer(nn.Module):
         return outputs
 
 
-FAMILY = BackboneFamily(
-    name="dmformer",
-    title="DMFormer",
-    backbone_name="D2DMFormer",
-    network=DMFormer,
-    variants=VARIANTS,
-    default_variant="s",
-    variant_help="s, l (paper Table 2)",
-    drop_path_help="stochastic depth; None: the variant's detection default, s 0.1, l 0.2 (not "
-    "in the paper; VARIANTS, docs/dmformer.md)",
-    options=(
-        Option(
-            "norm",
-            "SyncBN",
-            'every BatchNorm: "SyncBN" (batch statistics over all devices, so that 1 image per '
-            'device trains; Detectron2\'s naiveSyncBN off CUDA), "BN" (per-device statistics) '
-            'or "FrozenBN" (fixed statistics, e.g. fine-tuning from ImageNet weights)',
-            norm=True,
-            argument_default="BN",
-        ),
-        Option(
-            "branches",
-            "auto",
-            'the DMA\'s three dilated depth-wise convs: "separate" (three convs), "fused" (one '
-            'depth-wise conv with the summed 19x19 kernel; same function) or "auto": fused for '
-            "CPU inference, separate otherwise, the faster form of each as measured "
-            "(docs/dmformer.md)",
-        ),
-    ),
-    imagenet_drop_path=IMAGENET_DROP_PATH,
-    stem_and_stages=lambda net: (net.stem, net.stages),
-)
-
-variant_config = FAMILY.variant_config  # a copy of a variant's table entry, checked
-
-
 class DMFormerClassifier(ClassifierMixin, DMFormer):
     """ImageNet classifier: the trunk, then LayerNorm(512) -> global average pool -> Linear.
 
@@ -465,6 +380,39 @@ class DMFormerClassifier(ClassifierMixin, DMFormer):
         return channel_norm(self.norm, DMFormer.forward(self, x)[-1])
 
 
-D2DMFormer, build_dmformer_backbone = register_family(
-    FAMILY, __name__, DMFormerClassifier, timm_cfg=dict(first_conv="stem.conv1")
+FAMILY = BackboneFamily(
+    name="dmformer",
+    title="DMFormer",
+    backbone_name="D2DMFormer",
+    network=DMFormer,
+    variants=VARIANTS,
+    default_variant="s",
+    classifier=DMFormerClassifier,
+    timm_cfg=dict(first_conv="stem.conv1"),
+    options=(
+        Option(
+            "norm",
+            'every BatchNorm: "SyncBN" (batch statistics over all devices, so that 1 image per '
+            'device trains; Detectron2\'s naiveSyncBN off CUDA), "BN" (per-device statistics) '
+            'or "FrozenBN" (fixed statistics, e.g. fine-tuning from ImageNet weights)',
+            norm=True,
+            config_default="SyncBN",
+        ),
+        Option(
+            "branches",
+            'the DMA\'s three dilated depth-wise convs: "separate" (three convs), "fused" (one '
+            'depth-wise conv with the summed 19x19 kernel; same function) or "auto": fused for '
+            "CPU inference, separate otherwise, the faster form of each as measured "
+            "(docs/dmformer.md)",
+        ),
+    ),
+    imagenet_drop_path=IMAGENET_DROP_PATH,
+    stem_and_stages=lambda net: (net.stem, net.stages),
 )
+
+variant_config = FAMILY.variant_config  # a copy of a variant's table entry, checked
+
+
+# Made here by register_family (hybrid_d2.layers.registration): the Detectron2 backbone D2DMFormer,
+# its builder build_dmformer_backbone and the timm models hybrid_dmformer_s, hybrid_dmformer_l.
+D2DMFormer, build_dmformer_backbone = register_family(FAMILY, __name__)

@@ -59,11 +59,10 @@ Internally the residual stream is channels-last (B, H, W, C); convolutions see c
 NCHW views.
 """
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from timm.layers import DropPath, trunc_normal_
 from torch import nn
 
@@ -73,8 +72,11 @@ from ..layers import (
     register_family,
     ClassifierMixin,
     SmallMapSafeConv2d,
+    Stage,
     channel_norm,
     get_norm,
+    to_channels_first,
+    to_channels_last,
 )
 
 __all__ = [
@@ -122,14 +124,6 @@ _EPS = 1e-6
 
 # ImageNet stochastic depth, ours (docs/dualformer.md)
 IMAGENET_DROP_PATH = {"tiny": 0.0, "xsmall": 0.1, "small": 0.1, "base": 0.3}
-
-
-def _channels_first(x: torch.Tensor) -> torch.Tensor:
-    return x.permute(0, 3, 1, 2)
-
-
-def _channels_last(x: torch.Tensor) -> torch.Tensor:
-    return x.permute(0, 2, 3, 1)
 
 
 def hash_codes(x: torch.Tensor, hyperplanes: torch.Tensor) -> torch.Tensor:
@@ -201,7 +195,7 @@ class MultiHeadPartitionAttention(nn.Module):
         k = self.downsample
         if k > 1:  # zero-pad right / bottom to multiples of k
             reduced = F.pad(x, (0, 0, 0, -width % k, 0, -height % k))
-            reduced = _channels_last(self.reduce(_channels_first(reduced)))
+            reduced = to_channels_last(self.reduce(to_channels_first(reduced)))
         else:
             reduced = x
         grid = reduced.shape[1:3]
@@ -282,9 +276,9 @@ class MBConv(nn.Module):
         self.norm3 = get_norm(norm, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.gelu(self.norm1(_channels_first(self.expand(x))))
+        x = F.gelu(self.norm1(to_channels_first(self.expand(x))))
         x = F.gelu(self.norm2(self.dwconv(x)))
-        return _channels_last(self.norm3(_channels_first(self.project(_channels_last(x)))))
+        return to_channels_last(self.norm3(to_channels_first(self.project(to_channels_last(x)))))
 
 
 class DualBlock(nn.Module):
@@ -340,7 +334,7 @@ class Stem(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _channels_last(self.proj(x)).contiguous()
+        return to_channels_last(self.proj(x)).contiguous()
 
 
 class Downsample(nn.Module):
@@ -353,28 +347,7 @@ class Downsample(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _channels_last(self.proj(_channels_first(x)))
-
-
-class Stage(nn.Module):
-    """Blocks at one resolution, then (except in the last stage) the downsampler to the next."""
-
-    def __init__(
-        self, blocks: Sequence[DualBlock], downsample: Optional[nn.Module], checkpoint: bool
-    ):
-        super().__init__()
-        self.use_checkpoint = checkpoint
-        self.blocks = nn.ModuleList(blocks)
-        self.downsample = downsample
-
-    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Returns the stage output and its downsampled version (None in the last stage)."""
-        for block in self.blocks:
-            if self.use_checkpoint and self.training:
-                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
-        return x, self.downsample(x) if self.downsample is not None else None
+        return to_channels_last(self.proj(to_channels_first(x)))
 
 
 class DualFormer(nn.Module):
@@ -446,56 +419,8 @@ class DualFormer(nn.Module):
         outputs = []
         for stage in self.stages:
             out, x = stage(x)
-            outputs.append(_channels_first(out).contiguous())
+            outputs.append(to_channels_first(out).contiguous())
         return outputs
-
-
-FAMILY = BackboneFamily(
-    name="dualformer",
-    title="DualFormer",
-    backbone_name="D2DualFormer",
-    network=DualFormer,
-    variants=VARIANTS,
-    default_variant="small",
-    variant_help="tiny, xsmall, small, base (paper Table 1)",
-    drop_path_help="stochastic depth; None: the variant's COCO default, tiny 0.1, xsmall 0.1, "
-    "small 0.2, base 0.4 (VARIANTS)",
-    options=(
-        Option(
-            "norm",
-            "SyncBN",
-            'every BatchNorm (stem, downsamplers, MBConv, MHPA reduction): "SyncBN", "BN" or '
-            '"FrozenBN"; no ImageNet statistics exist, so the configs train them ("SyncBN")',
-            norm=True,
-            argument_default="BN",
-        ),
-        Option(
-            "downsample_rates",
-            DOWNSAMPLE_RATES,
-            "MHPA resolution reduction k per stage: (4, 2, 1, 1) (default) or (8, 4, 2, 1)",
-        ),
-        Option(
-            "intra_mode",
-            "pool",
-            'intra-partition attention: "pool" (one softmax-pooled proxy per partition, '
-            'scattered back) or "token" (each token\'s softmax weight within its partition '
-            "times its value)",
-        ),
-        Option(
-            "hash_seed",
-            0,
-            "seed of the fixed LSH hyperplanes (buffers, saved in checkpoints); block i uses "
-            "hash_seed + i",
-        ),
-    ),
-    imagenet_drop_path=IMAGENET_DROP_PATH,
-    network_options=lambda variant, options: dict(
-        options, downsample_rates=tuple(options["downsample_rates"])
-    ),
-    stem_and_stages=lambda net: (net.stem, net.stages),
-)
-
-variant_config = FAMILY.variant_config  # a copy of a variant's table entry, checked
 
 
 class DualFormerClassifier(ClassifierMixin, DualFormer):
@@ -517,6 +442,50 @@ class DualFormerClassifier(ClassifierMixin, DualFormer):
         return channel_norm(self.norm, DualFormer.forward(self, x)[-1])
 
 
-D2DualFormer, build_dualformer_backbone = register_family(
-    FAMILY, __name__, DualFormerClassifier, timm_cfg=dict(first_conv="stem.proj.0")
+FAMILY = BackboneFamily(
+    name="dualformer",
+    title="DualFormer",
+    backbone_name="D2DualFormer",
+    network=DualFormer,
+    variants=VARIANTS,
+    default_variant="small",
+    classifier=DualFormerClassifier,
+    timm_cfg=dict(first_conv="stem.proj.0"),
+    options=(
+        Option(
+            "norm",
+            'every BatchNorm (stem, downsamplers, MBConv, MHPA reduction): "SyncBN", "BN" or '
+            '"FrozenBN"; no ImageNet statistics exist, so the configs train them ("SyncBN")',
+            norm=True,
+            config_default="SyncBN",
+        ),
+        Option(
+            "downsample_rates",
+            "MHPA resolution reduction k per stage: (4, 2, 1, 1) (default) or (8, 4, 2, 1)",
+        ),
+        Option(
+            "intra_mode",
+            'intra-partition attention: "pool" (one softmax-pooled proxy per partition, '
+            'scattered back) or "token" (each token\'s softmax weight within its partition '
+            "times its value)",
+        ),
+        Option(
+            "hash_seed",
+            "seed of the fixed LSH hyperplanes (buffers, saved in checkpoints); block i uses "
+            "hash_seed + i",
+        ),
+    ),
+    imagenet_drop_path=IMAGENET_DROP_PATH,
+    network_options=lambda variant, options: dict(
+        options, downsample_rates=tuple(options["downsample_rates"])
+    ),
+    stem_and_stages=lambda net: (net.stem, net.stages),
 )
+
+variant_config = FAMILY.variant_config  # a copy of a variant's table entry, checked
+
+
+# Made here by register_family (hybrid_d2.layers.registration): the Detectron2 backbone
+# D2DualFormer, its builder build_dualformer_backbone and the timm models hybrid_dualformer_tiny,
+# hybrid_dualformer_xsmall, hybrid_dualformer_small, hybrid_dualformer_base.
+D2DualFormer, build_dualformer_backbone = register_family(FAMILY, __name__)

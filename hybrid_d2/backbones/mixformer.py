@@ -29,11 +29,10 @@ with padded tokens left unmasked in attention and included in the channel intera
 pool (docs/mixformer.md, "Decisions").
 """
 
-from typing import List, Optional, Sequence, Set, Tuple
+from typing import List, Sequence, Set
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from timm.layers import DropPath, Mlp, trunc_normal_
 from torch import nn
 
@@ -43,9 +42,12 @@ from ..layers import (
     register_family,
     ClassifierMixin,
     SmallMapSafeConv2d,
+    Stage,
     get_norm,
     pad_to_multiple,
     relative_position_index,
+    to_channels_first,
+    to_channels_last,
     window_partition,
     window_reverse,
 )
@@ -75,14 +77,6 @@ VARIANTS = {
 PROJECTION_DIM = 1280
 
 
-def _to_channels_first(x: torch.Tensor) -> torch.Tensor:
-    return x.permute(0, 3, 1, 2)
-
-
-def _to_channels_last(x: torch.Tensor) -> torch.Tensor:
-    return x.permute(0, 2, 3, 1)
-
-
 class ConvEmbed(nn.Module):
     """Convolution stem (paper §3.2, Fig. 3; layers as the official ``ConvEmbed``): stride 4,
     3 -> C channels."""
@@ -106,7 +100,7 @@ class ConvEmbed(nn.Module):
         height, width = x.shape[-2:]
         x = F.pad(x, (0, -width % 4, 0, -height % 4))
         x = self.proj(self.stem(x))
-        return self.norm(_to_channels_last(x))
+        return self.norm(to_channels_last(x))
 
 
 class MixingAttention(nn.Module):
@@ -188,21 +182,21 @@ class MixingAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_attn = self.proj_attn_norm(self.proj_attn(x))
-        x_cnn = _to_channels_first(self.proj_cnn_norm(self.proj_cnn(x)))
+        x_cnn = to_channels_first(self.proj_cnn_norm(self.proj_cnn(x)))
 
         x_cnn = self.dwconv3x3(x_cnn)
         channel_attn = self.channel_interaction(F.adaptive_avg_pool2d(x_cnn, 1))
         x_cnn = self.projection(x_cnn)
 
         q, k, v = self.qkv(x_attn).chunk(3, dim=-1)
-        v = v * torch.sigmoid(_to_channels_last(channel_attn))  # channel interaction acts on v only
+        v = v * torch.sigmoid(to_channels_last(channel_attn))  # channel interaction acts on v only
         x_attn = self.window_attention(torch.cat([q, k, v], dim=-1))
 
-        spatial_attn = self.spatial_interaction(_to_channels_first(x_attn))
+        spatial_attn = self.spatial_interaction(to_channels_first(x_attn))
         x_cnn = self.conv_norm(torch.sigmoid(spatial_attn) * x_cnn)
 
         # paper §3.1: "normalized by different normalization layers ... merged by concatenation"
-        x = torch.cat([self.attn_norm(x_attn), _to_channels_last(x_cnn)], dim=-1)
+        x = torch.cat([self.attn_norm(x_attn), to_channels_last(x_cnn)], dim=-1)
         return self.proj(x)
 
 
@@ -245,44 +239,10 @@ class ConvMerging(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) -> (B, ceil(H/2), ceil(W/2), 2C); odd sides are zero-padded bottom/right."""
-        x = self.norm(_to_channels_first(x))
+        x = self.norm(to_channels_first(x))
         height, width = x.shape[-2:]
         x = F.pad(x, (0, width % 2, 0, height % 2))
-        return _to_channels_last(self.reduction(x))
-
-
-class Stage(nn.Module):
-    """Mixing Blocks at one resolution, then (except in the last stage) a ConvMerging."""
-
-    def __init__(
-        self,
-        dim: int,
-        depth: int,
-        num_heads: int,
-        window_size: int,
-        mlp_ratio: float,
-        drop_paths: Sequence[float],
-        norm: str,
-        pooled_norm: str,
-        downsample: bool,
-        use_checkpoint: bool,
-    ):
-        super().__init__()
-        self.use_checkpoint = use_checkpoint
-        self.blocks = nn.ModuleList(
-            MixingBlock(dim, num_heads, window_size, mlp_ratio, drop_paths[i], norm, pooled_norm)
-            for i in range(depth)
-        )
-        self.downsample = ConvMerging(dim, norm) if downsample else None
-
-    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Returns the stage output and its downsampled version (None in the last stage)."""
-        for block in self.blocks:
-            if self.use_checkpoint and self.training:
-                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
-        return x, self.downsample(x) if self.downsample is not None else None
+        return to_channels_last(self.reduction(x))
 
 
 class MixFormer(nn.Module):
@@ -312,20 +272,12 @@ class MixFormer(nn.Module):
         self.layers = nn.ModuleList()
         for i, (dim, depth, heads) in enumerate(zip(self.channels, depths, num_heads)):
             first = sum(depths[:i])
-            self.layers.append(
-                Stage(
-                    dim,
-                    depth,
-                    heads,
-                    window_size,
-                    mlp_ratio,
-                    drop_paths[first : first + depth],
-                    norm,
-                    pooled_norm,
-                    downsample=i < len(depths) - 1,
-                    use_checkpoint=use_checkpoint,
-                )
-            )
+            blocks = [
+                MixingBlock(dim, heads, window_size, mlp_ratio, rate, norm, pooled_norm)
+                for rate in drop_paths[first : first + depth]
+            ]
+            downsample = ConvMerging(dim, norm) if i < len(depths) - 1 else None
+            self.layers.append(Stage(blocks, downsample, use_checkpoint))
         self.apply(self._init_weights)
 
     @staticmethod
@@ -345,41 +297,8 @@ class MixFormer(nn.Module):
         outputs = []
         for stage in self.layers:
             out, x = stage(x)
-            outputs.append(_to_channels_first(out).contiguous())
+            outputs.append(to_channels_first(out).contiguous())
         return outputs
-
-
-FAMILY = BackboneFamily(
-    name="mixformer",
-    title="MixFormer",
-    backbone_name="D2MixFormer",
-    network=MixFormer,
-    variants=VARIANTS,
-    default_variant="b1",
-    variant_help='b0 .. b6 (docs/mixformer.md, "Variants")',
-    drop_path_help="stochastic depth; None: the variant's, b0 0.0, b1 0.0, b2 0.05, b3 0.1, "
-    "b4 0.2, b5 0.3, b6 0.5 (VARIANTS)",
-    options=(
-        Option(
-            "norm",
-            "BN",
-            'every BatchNorm but the channel interaction\'s: "BN", "SyncBN" or "FrozenBN"',
-            norm=True,
-        ),
-        Option(
-            "pooled_norm",
-            "FrozenStatsBN",
-            "the channel interaction's BatchNorm, which sees a 1x1 pooled map (docs/mixformer.md): "
-            '"FrozenStatsBN" (running statistics always, trainable affine: works with 1 image per '
-            'device), "BN" or "SyncBN" (batch statistics as in the official code; needs >= 2 '
-            "images per norm group)",
-            norm=True,
-        ),
-    ),
-    stem_and_stages=lambda net: (net.patch_embed, net.layers),
-)
-
-variant_config = FAMILY.variant_config  # a copy of a variant's table entry, checked
 
 
 class MixFormerClassifier(ClassifierMixin, MixFormer):
@@ -407,13 +326,43 @@ class MixFormerClassifier(ClassifierMixin, MixFormer):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> the projected last stage, (B, 1280, H/32, W/32)."""
-        last = _to_channels_last(MixFormer.forward(self, x)[-1])
-        return _to_channels_first(F.gelu(self.last_proj(self.norm(last))))
+        last = to_channels_last(MixFormer.forward(self, x)[-1])
+        return to_channels_first(F.gelu(self.last_proj(self.norm(last))))
 
 
-D2MixFormer, build_mixformer_backbone = register_family(
-    FAMILY,
-    __name__,
-    MixFormerClassifier,
+FAMILY = BackboneFamily(
+    name="mixformer",
+    title="MixFormer",
+    backbone_name="D2MixFormer",
+    network=MixFormer,
+    variants=VARIANTS,
+    default_variant="b1",
+    classifier=MixFormerClassifier,
     timm_cfg=dict(first_conv="patch_embed.stem.0"),
+    converter="hybrid_d2.checkpoint.mixformer:convert_mixformer",
+    options=(
+        Option(
+            "norm",
+            'every BatchNorm but the channel interaction\'s: "BN", "SyncBN" or "FrozenBN"',
+            norm=True,
+        ),
+        Option(
+            "pooled_norm",
+            "the channel interaction's BatchNorm, which sees a 1x1 pooled map (docs/mixformer.md): "
+            '"FrozenStatsBN" (running statistics always, trainable affine: works with 1 image per '
+            'device), "BN" or "SyncBN" (batch statistics as in the official code; needs >= 2 '
+            "images per norm group)",
+            norm=True,
+        ),
+    ),
+    stem_and_stages=lambda net: (net.patch_embed, net.layers),
 )
+
+variant_config = FAMILY.variant_config  # a copy of a variant's table entry, checked
+
+
+# Made here by register_family (hybrid_d2.layers.registration): the Detectron2 backbone D2MixFormer,
+# its builder build_mixformer_backbone and the timm models hybrid_mixformer_b0, hybrid_mixformer_b1,
+# hybrid_mixformer_b2, hybrid_mixformer_b3, hybrid_mixformer_b4, hybrid_mixformer_b5,
+# hybrid_mixformer_b6.
+D2MixFormer, build_mixformer_backbone = register_family(FAMILY, __name__)

@@ -8,45 +8,24 @@ the classification tail (each classifier's ``TAIL`` modules), checks every trunk
 prefixes the names for the Detectron2 FPN models.
 """
 
-from typing import Any, Dict, List, Optional, Tuple, Type
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
-from torch import nn
 
-from ..backbones import (
-    DILATEFORMER_VARIANTS,
-    DMF_VARIANTS,
-    DMFORMER_VARIANTS,
-    DUALFORMER_VARIANTS,
-    MIXFORMER_VARIANTS,
-    DilateFormerClassifier,
-    DMFClassifier,
-    DMFormerClassifier,
-    DualFormerClassifier,
-    MixFormerClassifier,
-)
-from ..layers import model_name
+from .. import backbones  # noqa: F401  (registers the families)
+from ..layers import FAMILIES, model_name
 from .validation import check_state_dict
 
-__all__ = ["CLASSIFIERS", "convert_timm_checkpoint", "trunk_state_dict"]
+__all__ = ["convert_timm_checkpoint", "trunk_state_dict"]
 
 # Where every family's trunk sits in a Detectron2 FPN model (D2* wrappers keep it as ``net``).
 PREFIX = "backbone.bottom_up.net."
-
-# family -> (classifier class, variants)
-CLASSIFIERS: Dict[str, Tuple[Type[nn.Module], Dict[str, dict]]] = {
-    "dilateformer": (DilateFormerClassifier, DILATEFORMER_VARIANTS),
-    "dmf": (DMFClassifier, DMF_VARIANTS),
-    "dmformer": (DMFormerClassifier, DMFORMER_VARIANTS),
-    "dualformer": (DualFormerClassifier, DUALFORMER_VARIANTS),
-    "mixformer": (MixFormerClassifier, MIXFORMER_VARIANTS),
-}
 
 
 def _variant_of(arch: Any, family: str, variant: Optional[str], path: str) -> str:
     """The variant named by the checkpoint's ``arch`` (timm's ``--model``), checked against
     ``variant`` when given."""
-    names = {model_name(family, v): v for v in CLASSIFIERS[family][1]}
+    names = {model_name(family, v): v for v in FAMILIES[family].variants}
     if arch in names:
         if variant is not None and variant != names[arch]:
             raise ValueError(
@@ -72,7 +51,7 @@ def trunk_state_dict(
     Raises:
         ValueError listing every missing key, unexpected key and shape mismatch of the trunk.
     """
-    cls = CLASSIFIERS[family][0]
+    cls = FAMILIES[family].classifier
     tail = tuple(f"{module}." for module in cls.TAIL)
     with torch.device("meta"):  # shapes only
         reference = cls(variant).state_dict()
@@ -94,8 +73,8 @@ def convert_timm_checkpoint(
     Raises:
         ValueError / KeyError naming the file and what was expected.
     """
-    if family not in CLASSIFIERS:
-        raise ValueError(f"unknown family {family!r}; expected one of {sorted(CLASSIFIERS)}")
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; expected one of {sorted(FAMILIES)}")
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         got = sorted(checkpoint)[:20] if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise ValueError(

@@ -5,7 +5,6 @@ import difflib
 import logging
 import numbers
 import os
-import traceback
 from collections import defaultdict
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -108,8 +107,6 @@ _LABELS_CHECKED_AT_START = 8
 # Detectron2's filter_empty_instances drops boxes whose side is not larger than this.
 _EMPTY_BOX_SIDE = 1e-5
 _MAX_LISTED = 10
-# Detectron2's json loaders, whose KeyErrors do not name the json file.
-_JSON_LOADERS = ("load_coco_json", "load_lvis_json")
 
 
 def _metadata(dataset_name: str) -> dict:
@@ -128,12 +125,21 @@ def _describe(dataset_names: Sequence[str]) -> str:
     return ("dataset " if len(parts) == 1 else "datasets ") + ", ".join(parts)
 
 
-def _json_loader_call(error: BaseException) -> Optional[Tuple[str, Optional[str]]]:
-    """(json_file, dataset_name) of the Detectron2 json loader call that raised ``error``."""
-    for frame, _ in traceback.walk_tb(error.__traceback__):
-        if frame.f_code.co_name in _JSON_LOADERS and "json_file" in frame.f_locals:
-            return str(frame.f_locals["json_file"]), frame.f_locals.get("dataset_name")
+def _failing_dataset(dataset_names: Sequence[str], error: BaseException) -> Optional[str]:
+    """The first of ``dataset_names`` whose own loading (``DatasetCatalog.get``) raises an error
+    of ``error``'s type; None if none does alone."""
+    for name in dataset_names:
+        try:
+            DatasetCatalog.get(name)
+        except type(error):
+            return name
     return None
+
+
+def _source(dataset_name: str) -> str:
+    """dataset 'a' from a.json, or dataset 'a' without a json file."""
+    json_file = _metadata(dataset_name).get("json_file")
+    return f"dataset '{dataset_name}'" + (f" from {json_file}" if json_file else "")
 
 
 def _error_detail(error: BaseException) -> str:
@@ -152,18 +158,19 @@ def load_detection_dataset_dicts(dataset_names: Sequence[str], **kwargs) -> List
 
     Detectron2's COCO/LVIS loaders raise a bare KeyError for an annotation whose category_id is not
     in the json's "categories" or an image entry without "height"/"width", and AssertionErrors
-    without the json file; both become a ValueError naming the dataset and the json file. So does
-    the AssertionError for a dataset that Detectron2's filters leave without images.
+    without the json file; both become a ValueError naming the dataset (the first whose own
+    ``DatasetCatalog.get`` fails the same way) and its json file. So does the AssertionError for a
+    dataset that Detectron2's filters leave without images.
     """
     try:
         return get_detection_dataset_dicts(list(dataset_names), **kwargs)
     except (KeyError, AssertionError) as error:
         if str(error).startswith("No valid data found"):
             raise ValueError(_no_records_message(dataset_names)) from error
-        call = _json_loader_call(error)
-        if call is None and isinstance(error, KeyError):
-            raise  # e.g. an unregistered dataset name: Detectron2's message is clear
-        source = f"dataset '{call[1]}' from {call[0]}" if call else _describe(dataset_names)
+        if any(name not in DatasetCatalog for name in dataset_names):
+            raise  # Detectron2's KeyError names the unknown dataset and the registered ones
+        name = _failing_dataset(dataset_names, error)
+        source = _source(name) if name else _describe(dataset_names)
         raise ValueError(f"Cannot load {source}: {_error_detail(error)}") from error
 
 

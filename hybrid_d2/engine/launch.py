@@ -18,7 +18,7 @@ from detectron2.engine import default_argument_parser, launch
 from detectron2.utils import comm
 
 from ..checkpoint import CheckpointLoadError, CheckpointMismatchError, SafeCheckpointer
-from ..config import ConfigError
+from ..config import ConfigError, get_config
 from .slurm import Preempted
 
 __all__ = [
@@ -26,7 +26,9 @@ __all__ = [
     "OutputDirLock",
     "USER_ERRORS",
     "UsageError",
+    "build_config",
     "check_run_config",
+    "launch_checked",
     "launch_workers",
     "parse_train_args",
     "share_cpu_cores",
@@ -81,6 +83,39 @@ def parse_train_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace
         parser.error(f"the overrides must be KEY VALUE pairs, got an odd number: {opts}")
     args.opts = opts
     return args
+
+
+def build_config(args: argparse.Namespace) -> CfgNode:
+    """The frozen config: defaults + hybrid_d2 keys + ``args.config_file`` + ``args.opts``."""
+    cfg = get_config(args.config_file, args.opts)
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(
+            f"MODEL.DEVICE={cfg.MODEL.DEVICE!r} but CUDA is not available; "
+            "add `MODEL.DEVICE cpu` to the command line"
+        )
+    cfg.freeze()
+    return cfg
+
+
+def launch_checked(main: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> int:
+    """Check the config and OUTPUT_DIR (one line and exit status 2 on a problem; a warning for an
+    evaluation without weights), hold OUTPUT_DIR for this run, then run ``main(args)`` in its
+    processes (:func:`launch_workers`)."""
+    logging.getLogger("detectron2").info("Command Line Args: %s", args)
+    try:
+        cfg = build_config(args)
+        check_run_config(cfg, args.eval_only)
+        lock = OutputDirLock(cfg.OUTPUT_DIR) if args.machine_rank == 0 else None
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.eval_only and (warning := untrained_warning(cfg, args.resume)):
+        print(warning, file=sys.stderr)
+    try:
+        return launch_workers(main, args)
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def check_run_config(cfg: CfgNode, eval_only: bool) -> None:

@@ -11,8 +11,10 @@ from .classifier import (
 )
 from .depthwise import DepthwiseConv2d, depthwise_conv2d
 from .dilated_attention import dilated_attention
-from .family import FAMILIES, BackboneFamily, Option, add_family_config, register_family
+from .family import BackboneFamily, Option
 from .flops import FLOP_HANDLES, MMCV_FLOP_HANDLES, flop_count_analysis, flop_totals
+from .stage import Stage, checkpointed, to_channels_first, to_channels_last
+from .registration import FAMILIES, add_family_config, register_family
 from .norm import FrozenStatsBatchNorm2d, get_norm, inference_affine, norm_for_device
 from .window_masks import window_attention_mask
 from .windows import pad_to_multiple, relative_position_index, window_partition, window_reverse
@@ -36,6 +38,8 @@ __all__ = [
     "SmallMapSafeConv2d",
     "DepthwiseConv2d",
     "depthwise_conv2d",
+    "Stage",
+    "checkpointed",
     "dilated_attention",
     "flop_count_analysis",
     "flop_totals",
@@ -44,6 +48,8 @@ __all__ = [
     "norm_for_device",
     "pad_to_multiple",
     "relative_position_index",
+    "to_channels_first",
+    "to_channels_last",
     "window_attention_mask",
     "window_partition",
     "window_reverse",

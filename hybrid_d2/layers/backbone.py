@@ -1,7 +1,7 @@
 """The one Detectron2 backbone wrapper of every family: named pyramid outputs, optional output
 LayerNorms, stage freezing, the size constraint and the input check (H, W >= 32)."""
 
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from detectron2.layers import FrozenBatchNorm2d
@@ -9,8 +9,7 @@ from detectron2.layers.batch_norm import LayerNorm
 from detectron2.modeling import Backbone
 from torch import nn
 
-if TYPE_CHECKING:
-    from .family import BackboneFamily
+from .family import BackboneFamily
 
 __all__ = ["FEATURE_NAMES", "MIN_INPUT_SIZE", "PyramidBackbone", "check_input_shape"]
 
@@ -48,7 +47,7 @@ class PyramidBackbone(Backbone):
     ``register_family`` and sets ``family``, the family's declaration.
     """
 
-    family: "BackboneFamily"
+    family: BackboneFamily
 
     def __init__(
         self,
@@ -112,17 +111,19 @@ class PyramidBackbone(Backbone):
         return {"size_divisibility": 32}
 
     def frozen_modules(self, freeze_at: int) -> List[nn.Module]:
-        """The modules ``freeze_at`` freezes: the stem (freeze_at >= 1) and stages res2 ... res_k
-        (freeze_at = k >= 2), stage res_k with the downsampling that feeds it; or what the
-        family's ``frozen_modules`` says."""
+        """The modules ``freeze_at`` freezes: the stem (freeze_at >= 1) and the blocks of stages
+        res2 ... res_k (freeze_at = k >= 2) with the downsampling that feeds each of them, which
+        sits at the end of the stage before it. A stage frozen entirely (its blocks and its
+        downsampling, or its blocks where it has none) is frozen as one module. A family without
+        stage modules declares its own ``frozen_modules`` instead."""
         if self.family.frozen_modules is not None:
             return self.family.frozen_modules(self, freeze_at)
         stem, stages = self.family.stem_and_stages(self.net)
         frozen = [stem] if freeze_at >= 1 else []
-        for i in range(freeze_at - 1):
-            frozen.append(stages[i].blocks)
-            if i > 0:
-                frozen.append(stages[i - 1].downsample)
+        last = freeze_at - 2  # the last frozen stage; its downsampling feeds a trainable stage
+        for i, stage in enumerate(stages[: max(freeze_at - 1, 0)]):
+            whole = i < last or stage.downsample is None
+            frozen.append(stage if whole else stage.blocks)
         return frozen
 
     def freeze(self, freeze_at: int) -> None:

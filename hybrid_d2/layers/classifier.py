@@ -19,6 +19,8 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from torch import nn
 
+from .stage import to_channels_first, to_channels_last
+
 __all__ = [
     "MODEL_PREFIX",
     "ClassifierMixin",
@@ -60,7 +62,7 @@ def check_global_pool(global_pool: str, num_classes: int) -> None:
 
 def channel_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """A LayerNorm over the channels of an NCHW map."""
-    return norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+    return to_channels_first(norm(to_channels_last(x)))
 
 
 class ClassifierMixin:

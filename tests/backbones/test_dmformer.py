@@ -336,51 +336,6 @@ def test_drop_path_is_active_in_training_only():
         torch.testing.assert_close(backbone(x)["res5"], backbone(x)["res5"])
 
 
-def test_activation_checkpointing_equals_plain_forward_and_backward():
-    torch.manual_seed(0)
-    plain = D2DMFormer("s", drop_path_rate=0.2).train()
-    randomize_batchnorms(plain)
-    checkpointed = D2DMFormer("s", drop_path_rate=0.2, use_checkpoint=True).train()
-    checkpointed.load_state_dict(plain.state_dict())
-    x = torch.randn(2, 3, 64, 64)
-    outputs = []
-    for model in (plain, checkpointed):
-        torch.manual_seed(1)  # the same drop-path masks
-        out = model(x)
-        sum((o * o.flip(-1)).mean() for o in out.values()).backward()
-        outputs.append(out)
-    for name in FEATURES:
-        torch.testing.assert_close(outputs[1][name], outputs[0][name])
-    for (name, p), q in zip(plain.named_parameters(), checkpointed.parameters()):
-        torch.testing.assert_close(q.grad, p.grad, msg=name)
-    # the recomputation does not update the BatchNorm statistics a second time
-    for (name, b), c in zip(plain.named_buffers(), checkpointed.buffers()):
-        torch.testing.assert_close(c, b, msg=name)
-
-
-def frozen_prefixes(freeze_at):
-    prefixes = ["net.stem."] if freeze_at >= 1 else []
-    for i in range(freeze_at - 1):
-        prefixes.append(f"net.stages.{i}.blocks.")
-        if i > 0:
-            prefixes.append(f"net.stages.{i - 1}.downsample.")
-    return tuple(prefixes)
-
-
-@pytest.mark.parametrize("freeze_at", [0, 1, 2, 3, 5])
-def test_freeze_at(freeze_at):
-    backbone = D2DMFormer("s", freeze_at=freeze_at)
-    prefixes = frozen_prefixes(freeze_at)
-    for name, param in backbone.named_parameters():
-        assert param.requires_grad == (not name.startswith(prefixes)), name
-    for name, module in backbone.named_modules():
-        if isinstance(module, (nn.BatchNorm2d, FrozenBatchNorm2d)):
-            assert isinstance(module, FrozenBatchNorm2d) == (name + ".").startswith(prefixes), name
-    backbone.train()
-    sum(o.mean() for o in backbone(torch.randn(1, 3, 64, 64)).values()).backward()
-    assert all(p.grad is not None for p in backbone.parameters() if p.requires_grad)
-
-
 def build_from_config(*opts) -> D2DMFormer:
     cfg = get_cfg()
     add_hybrid_config(cfg)
@@ -437,27 +392,10 @@ def test_fpn_built_from_config():
 
 
 def test_invalid_arguments_are_named():
-    with pytest.raises(ValueError, match=r"'m'.*\['l', 's'\]"):
-        D2DMFormer("m")
     with pytest.raises(ValueError, match=r"'both'.*auto.*separate.*fused"):
         D2DMFormer("s", branches="both")
-    with pytest.raises(ValueError, match="res6"):
-        D2DMFormer("s", out_features=("res2", "res6"))
-    with pytest.raises(ValueError, match="freeze_at=6"):
-        D2DMFormer("s", freeze_at=6)
     with pytest.raises(ValueError, match="kernels .* dilations"):
         DilatedBranches(8, (3, 4), (1, 2), "separate")
-
-
-def test_out_features_subset_without_output_norms():
-    backbone = D2DMFormer("s", out_features=("res3", "res5"), output_norm=False).eval()
-    with torch.no_grad():
-        outputs = backbone(torch.randn(1, 3, 64, 64))
-    assert list(outputs) == ["res3", "res5"]
-    assert backbone.output_norms is None
-    assert count(backbone) == BACKBONE_PARAMS["s"]
-    assert backbone.size_divisibility == 32
-    assert backbone.padding_constraints == {"size_divisibility": 32}
 
 
 @pytest.mark.parametrize("variant", ["s", "l"])

@@ -133,18 +133,6 @@ def test_train_mode_bn_on_pooled_map_fails_at_batch_one():
         backbone(torch.randn(1, 3, 64, 64))
 
 
-def test_activation_checkpointing_gives_the_same_gradients():
-    torch.manual_seed(0)
-    plain = D2MixFormer("b0").train()
-    checkpointed = D2MixFormer("b0", use_checkpoint=True).train()
-    checkpointed.load_state_dict(plain.state_dict())
-    x = torch.randn(2, 3, 64, 64)
-    for model in (plain, checkpointed):
-        sum(o.sum() for o in model(x).values()).backward()
-    for (name, p), q in zip(plain.named_parameters(), checkpointed.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, msg=name)
-
-
 def test_relative_position_bias_tables():
     backbone = eval_backbone("b4")
     for stage, heads in zip(backbone.net.layers, VARIANTS["b4"]["num_heads"]):
@@ -161,50 +149,6 @@ def test_drop_path_schedule_b4():
         for block in stage.blocks
     ]
     torch.testing.assert_close(torch.tensor(rates), torch.linspace(0, 0.2, 20))
-
-
-def frozen_prefixes(freeze_at):
-    prefixes = ["net.patch_embed."] if freeze_at >= 1 else []
-    for i in range(freeze_at - 1):
-        prefixes.append(f"net.layers.{i}.blocks.")
-        if i > 0:
-            prefixes.append(f"net.layers.{i - 1}.downsample.")
-    return tuple(prefixes)
-
-
-@pytest.mark.parametrize("freeze_at", [0, 1, 2, 3, 5])
-def test_freeze_at(freeze_at):
-    backbone = D2MixFormer("b0", freeze_at=freeze_at)
-    prefixes = frozen_prefixes(freeze_at)
-    for name, param in backbone.named_parameters():
-        assert param.requires_grad == (not name.startswith(prefixes)), name
-    for name, module in backbone.named_modules():
-        if isinstance(module, (nn.BatchNorm2d, FrozenBatchNorm2d)):
-            assert isinstance(module, FrozenBatchNorm2d) == (name + ".").startswith(prefixes), name
-    with torch.no_grad():
-        backbone.eval()(torch.randn(1, 3, 32, 32))
-
-
-def test_invalid_arguments_are_named():
-    with pytest.raises(ValueError, match=r"'b9'.*\['b0', 'b1', 'b2', 'b3', 'b4', 'b5', 'b6'\]"):
-        D2MixFormer("b9")
-    with pytest.raises(ValueError, match="res6"):
-        D2MixFormer("b0", out_features=("res2", "res6"))
-    with pytest.raises(ValueError, match="freeze_at=6"):
-        D2MixFormer("b0", freeze_at=6)
-
-
-def test_out_features_subset_without_output_norms():
-    backbone = D2MixFormer("b0", out_features=("res3", "res5"), output_norm=False).eval()
-    with torch.no_grad():
-        outputs = backbone(torch.randn(1, 3, 64, 64))
-        stage_maps = backbone.net(torch.randn(1, 3, 64, 64))
-    assert list(outputs) == ["res3", "res5"]
-    assert backbone.output_norms is None
-    assert [m.shape[1] for m in stage_maps] == [24, 48, 96, 192]
-    assert backbone.size_divisibility == 32
-    assert backbone.padding_constraints == {"size_divisibility": 32}
-    assert backbone.depths == (1, 2, 6, 6)
 
 
 def test_fpn_built_from_config():

@@ -204,7 +204,7 @@ def test_profile_groups_forward_and_backward_by_module(tmp_path):
         groups = {row[0]: row for row in found[f"{name}, {phase}: time by module group"][1:]}
         shares = {group: float(row[2].rstrip("%")) for group, row in groups.items()}
         assert abs(sum(shares.values()) - 100) < 0.5
-        assert shares["DMFormerBlock.dma"] + shares["DepthwiseConv2d"] > 10
+        assert shares["DMFormerBlock.dma"] + shares.get("DepthwiseConv2d", 0) > 10
         assert shares.get("(outside modules)", 0) < 5
     training = {row[0]: row for row in found[f"{name}, training step: time by module group"][1:]}
     assert float(training["DepthwiseConv2d backward"][2].rstrip("%")) > 10

@@ -17,7 +17,7 @@ from conftest import REPO_ROOT, run_script
 sys.path.insert(0, str(REPO_ROOT / "tools"))
 import benchmark  # noqa: E402
 import plot_model_zoo  # noqa: E402
-from benchmarking import detectors, detectron, profiling  # noqa: E402
+from benchmarking import backbones, detectors, detectron, profiling  # noqa: E402
 
 TINY = ["--height", "64", "--width", "96", "--warmup", "0", "--rounds", "1", "--threads", "1"]
 R50, RESNET, R50_UPERNET = "R50 Mask R-CNN", "ResNet-50 (Detectron2)", "R50 UperNet"
@@ -97,6 +97,29 @@ def test_detectors(tmp_path, monkeypatch):
     r50 = run["results"]["CPU, 1 threads, fp32"][R50]
     assert r50["paper_row"] == "ResNet-50" and r50["latency_s"]["median"] > 0
     assert r50["gflops"] > 0 and r50["inference_mib"] > 0 and r50["train_mib"] > 0
+
+
+def test_saved_gelu_variant_keeps_the_gelu_output_with_the_same_weights():
+    """The "saved GELU" rows: the same model, its MLPs as three autograd operators, which keep
+    the GELU output (one more hidden-width tensor per MLP) and give the same outputs."""
+    from hybrid_d2.layers import Mlp
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Mlp(8, 32), nn.LayerNorm(8), Mlp(8, 16))
+    x = torch.randn(5, 8, requires_grad=True)
+    builds = {"Mlp": lambda: model, "saved GELU": backbones.with_saved_gelu(lambda: model)}
+    saved = {}
+    for name, build in builds.items():
+        shapes = []
+        keep = lambda t: shapes.append(tuple(t.shape)) or t  # noqa: E731
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            out = build()(x)
+        saved[name] = (out.detach(), sorted(shapes))
+    assert torch.equal(saved["Mlp"][0], saved["saved GELU"][0])
+    extra = list(saved["saved GELU"][1])
+    for shape in saved["Mlp"][1]:
+        extra.remove(shape)
+    assert sorted(extra) == [(5, 16), (5, 32)]  # the two GELU outputs
 
 
 def test_backbones(tmp_path):

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO_ROOT, SHAPES_CONFIG, run_script
+from hybrid_d2.engine import launch_checked, parse_train_args
 
 # A tiny but complete run: one iteration, then COCOEvaluator over shapes_val at a small size.
 TINY = [
@@ -148,12 +149,13 @@ def test_bad_input_is_named_in_the_error(datasets_root, tmp_path, overrides, mes
     assert not (tmp_path / "model_final.pth").exists()
 
 
-def test_unknown_key_in_a_config_file_names_the_file(datasets_root, tmp_path):
+def test_unknown_key_in_a_config_file_names_the_file(tmp_path, capfd):
     config = tmp_path / "bad.yaml"
     config.write_text(f'_BASE_: "{SHAPES_CONFIG}"\nMODEL:\n  MIXFORMER:\n    DROP_PATH: 0.1\n')
-    result = run_script("train_net.py", ["--config-file", config], datasets_root)
-    assert result.returncode != 0
-    assert re.search(rf"{re.escape(str(config))}: unknown config key MODEL.MIXFORMER.DROP_PATH", result.stderr)
+    status = launch_checked(_not_reached, parse_train_args(["--config-file", str(config)]))
+    assert status == 2
+    stderr = capfd.readouterr().err
+    assert re.search(rf"{re.escape(str(config))}: unknown config key MODEL.MIXFORMER.DROP_PATH", stderr)
 
 
 def test_corrupt_image_in_a_dataset_is_named(datasets_root, tmp_path):
@@ -181,7 +183,7 @@ def _error_line(result) -> str:
     return errors[0]
 
 
-def test_bad_weights_config_and_output_dir_fail_in_one_line(datasets_root, tmp_path):
+def test_bad_weights_config_and_output_dir_fail_in_one_line(tmp_path, capfd):
     text = tmp_path / "weights.txt"
     text.write_text("not a checkpoint\n")
     broken = tmp_path / "broken.yaml"
@@ -199,13 +201,22 @@ def test_bad_weights_config_and_output_dir_fail_in_one_line(datasets_root, tmp_p
         (["--config-file", SHAPES_CONFIG, "OUTPUT_DIR", blocker / "out"],
          f"error: OUTPUT_DIR '{blocker / 'out'}' cannot be written: Not a directory"),
     ]
+    # train_net.py's entry, `launch_checked(main, parse_train_args())`, in this process: these
+    # checks run before any process starts (a subprocess per case would add only its start-up;
+    # test_bad_input_is_named_in_the_error runs the script itself)
     for args, message in cases:
         out = tmp_path / "out"
         opts = [] if "OUTPUT_DIR" in args else ["OUTPUT_DIR", out]
-        result = run_script("train_net.py", [*args, *opts], datasets_root)
+        argv = [str(a) for a in [*args, *opts]]
+        status = launch_checked(_not_reached, parse_train_args(argv))
+        result = subprocess.CompletedProcess(argv, status, *capfd.readouterr())
         assert result.returncode == 2, (args, result.stderr[-3000:])
         assert _error_line(result).startswith(message), (message, result.stderr[-2000:])
         assert not (out / "log.txt").exists()  # refused before any work
+
+
+def _not_reached(args):
+    raise AssertionError(f"a refused run started its processes: {args}")
 
 
 def test_checkpoint_of_another_family_is_refused_in_one_line(datasets_root, tmp_path):

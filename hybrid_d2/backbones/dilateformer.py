@@ -40,7 +40,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.layers import DropPath, trunc_normal_
 from torch import nn
 
 from ..layers import (
@@ -48,6 +48,7 @@ from ..layers import (
     Option,
     register_family,
     ClassifierMixin,
+    Mlp,
     channel_norm,
     SmallMapSafeConv2d,
     Stage,
@@ -257,7 +258,7 @@ class DilateBlock(nn.Module):
             self.attn = Attention(dim, num_heads, attention, window_size)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
-        self.mlp = Mlp(dim, hidden_features=int(dim * mlp_ratio))
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + to_channels_last(self.pos_embed(to_channels_first(x)))  # Eq. (6), no drop path

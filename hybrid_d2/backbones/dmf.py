@@ -49,6 +49,7 @@ from ..layers import (
     Option,
     register_family,
     ClassifierMixin,
+    Mlp,
     FrozenStatsBatchNorm2d,
     checkpointed,
     get_norm,
@@ -359,18 +360,6 @@ class TokenAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(batch, length, dim))
 
 
-class Mlp(nn.Module):
-    """Linear -> GELU -> Linear, both without bias (official Former MLP)."""
-
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden, bias=False)
-        self.fc2 = nn.Linear(hidden, dim, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
-
-
 class Former(nn.Module):
     """Pre-LN Transformer block on the tokens (§3.4)."""
 
@@ -379,7 +368,7 @@ class Former(nn.Module):
         self.norm1 = nn.LayerNorm(TOKEN_DIM)
         self.token_attention = TokenAttention(TOKEN_DIM, FORMER_HEADS)
         self.norm2 = nn.LayerNorm(TOKEN_DIM)
-        self.mlp = Mlp(TOKEN_DIM, FORMER_MLP_RATIO * TOKEN_DIM)
+        self.mlp = Mlp(TOKEN_DIM, FORMER_MLP_RATIO * TOKEN_DIM, bias=False)  # official: no biases
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -71,6 +71,7 @@ from ..layers import (
     Option,
     register_family,
     ClassifierMixin,
+    Mlp,
     SmallMapSafeConv2d,
     Stage,
     channel_norm,
@@ -311,13 +312,20 @@ class DualBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
         hidden = int(dim * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.mlp = Mlp(dim, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.norm1(x)
         mixed = torch.cat([self.local(y[..., : self.split]), self.attn(y[..., self.split :])], -1)
         x = x + self.drop_path(self.proj(mixed))
         return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints written before the shared Mlp name the FFN's layers mlp.0 / mlp.2
+        for old, new in (("mlp.0.", "mlp.fc1."), ("mlp.2.", "mlp.fc2.")):
+            for key in [k for k in state_dict if k.startswith(prefix + old)]:
+                state_dict[prefix + new + key[len(prefix + old) :]] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class Stem(nn.Module):

@@ -33,7 +33,7 @@ from typing import List, Sequence, Set
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.layers import DropPath, trunc_normal_
 from torch import nn
 
 from ..layers import (
@@ -41,6 +41,7 @@ from ..layers import (
     Option,
     register_family,
     ClassifierMixin,
+    Mlp,
     SmallMapSafeConv2d,
     Stage,
     get_norm,
@@ -219,7 +220,7 @@ class MixingBlock(nn.Module):
         self.attn = MixingAttention(dim, num_heads, window_size, norm, pooled_norm)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, hidden_features=int(dim * mlp_ratio))
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[1:3]

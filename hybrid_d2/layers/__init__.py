@@ -12,6 +12,7 @@ from .classifier import (
 from .depthwise import DepthwiseConv2d, depthwise_conv2d
 from .dilated_attention import dilated_attention
 from .family import BackboneFamily, Option
+from .mlp import Mlp, gelu_mlp
 from .flops import FLOP_HANDLES, MMCV_FLOP_HANDLES, flop_count_analysis, flop_totals
 from .stage import Stage, checkpointed, to_channels_first, to_channels_last
 from .registration import FAMILIES, add_family_config, register_family
@@ -34,6 +35,7 @@ __all__ = [
     "FLOP_HANDLES",
     "MMCV_FLOP_HANDLES",
     "FrozenStatsBatchNorm2d",
+    "Mlp",
     "PyramidBackbone",
     "SmallMapSafeConv2d",
     "DepthwiseConv2d",
@@ -43,6 +45,7 @@ __all__ = [
     "dilated_attention",
     "flop_count_analysis",
     "flop_totals",
+    "gelu_mlp",
     "get_norm",
     "inference_affine",
     "norm_for_device",

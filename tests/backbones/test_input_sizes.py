@@ -112,7 +112,7 @@ def test_mixformer_output_sizes(height, width, batch, train, seed):
     check_outputs(backbone("mixformer"), batch, height, width, train, seed)
 
 
-@settings(max_examples=50, deadline=None)  # five configurations
+@settings(max_examples=25, deadline=None)  # five configurations
 @given(
     config=st.sampled_from(DILATE_CONFIGS),
     height=SIDES,
@@ -151,7 +151,7 @@ def test_dmf_output_sizes(height, width, batch, train, seed):
     check_outputs(backbone("dmf"), batch, height, width, train, seed)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=15, deadline=None)  # the slowest family at these sizes
 @given(
     height=SIDES,
     width=SIDES,

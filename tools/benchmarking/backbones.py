@@ -9,12 +9,13 @@ from functools import partial
 from typing import Callable, Dict, List
 
 import torch
+import torch.nn.functional as F
 import torchvision
 from detectron2.modeling.backbone.swin import SwinTransformer
 from torch import nn
 
 from hybrid_d2.backbones import D2DilateFormer, D2DualFormer
-from hybrid_d2.layers import DepthwiseConv2d, flop_count_analysis
+from hybrid_d2.layers import DepthwiseConv2d, Mlp, flop_count_analysis
 
 from .detectron import DETECTOR_REFERENCE, SWIN_T, config_backbone, detector_backbone
 from .memory import peak_memory, release_memory, run_worker
@@ -95,6 +96,24 @@ def with_plain_depthwise(build: Callable[[], nn.Module]) -> Callable[[], nn.Modu
     return build_plain
 
 
+def with_saved_gelu(build: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
+    """``build`` whose ``Mlp`` modules run fc1, GELU and fc2 as three autograd operators, which
+    keep the GELU output for the backward (as before issue 25's ``Mlp``), same weights."""
+
+    def build_plain() -> nn.Module:
+        backbone = build()
+        for module in backbone.modules():
+            if isinstance(module, Mlp):
+                module.forward = partial(_three_operators, module)
+        return backbone
+
+    return build_plain
+
+
+def _three_operators(mlp: Mlp, x: torch.Tensor) -> torch.Tensor:
+    return mlp.fc2(F.gelu(mlp.fc1(x)))
+
+
 def shipped(name: str, reference: str = SWIN) -> Backbone:
     """The backbone of the detectors mode's detector ``name`` (its shipped config)."""
     return Backbone(partial(detector_backbone, name), reference)
@@ -136,6 +155,10 @@ BACKBONES.update({
     "DMFormer-S nn.Conv2d branches": Backbone(
         with_plain_depthwise(partial(detector_backbone, "DMFormer-S Mask R-CNN")), SWIN
     ),
+    **{
+        f"{name} saved GELU": Backbone(with_saved_gelu(BACKBONES[name].build), SWIN)
+        for name in ("MixFormer-B4", "DilateFormer-S", "DualFormer-S")
+    },
     "DualFormer-B": Backbone(partial(config_backbone, DUALFORMER_B), SWIN),
     "DualFormer-B USE_CHECKPOINT": Backbone(
         partial(config_backbone, DUALFORMER_B, ["MODEL.DUALFORMER.USE_CHECKPOINT", True]), SWIN
@@ -273,7 +296,9 @@ def backbones(args: argparse.Namespace) -> Report:
     Swin-T, MobileNetV3-Large for DMF. Variants on request (--models): DilateFormer-S with each
     stage-3 attention mode and with the official nn.Unfold MSDA, DualFormer-S with each
     intra-partition mode, DMF-XXS/XS, DMF-S with its dynamic convs one sample at a time, DMFormer-S
-    with three separate dilated convs.
+    with its branches fused and with PyTorch's depth-wise convolution in them, MixFormer-B4,
+    DilateFormer-S and DualFormer-S with MLPs that keep the GELU output ("saved GELU"), and
+    DualFormer-B with and without activation checkpointing.
 
     All models are built in this process; --batch noise images (default 2) at --height x --width.
     Inference: eval mode, torch.no_grad. Training step: train mode, forward + backward of the sum

@@ -226,7 +226,8 @@ def test_profile_groups_forward_and_backward_by_module(tmp_path):
     for phase in ("training step", "inference"):
         groups = {row[0]: row for row in found[f"{name}, {phase}: time by module group"][1:]}
         shares = {group: float(row[2].rstrip("%")) for group, row in groups.items()}
-        assert abs(sum(shares.values()) - 100) < 0.5
+        # each share is rounded to 0.1%: the sum is 100 within half a step per group
+        assert abs(sum(shares.values()) - 100) <= 0.05 * len(shares) + 1e-9, shares
         assert shares["DMFormerBlock.dma"] + shares.get("DepthwiseConv2d", 0) > 10
         assert shares.get("(outside modules)", 0) < 5
     training = {row[0]: row for row in found[f"{name}, training step: time by module group"][1:]}

@@ -55,28 +55,6 @@ def pytest_configure(config):
         torch.set_num_threads(threads)
 
 
-# The files that take longest, started first: pytest-xdist (--dist loadfile) hands files out in
-# collection order, and a long file collected last leaves the other workers idle at the end.
-LONGEST_FIRST = (
-    "test_training.py",
-    "test_resume.py",
-    "test_train_net.py",
-    "test_configs.py",
-    "test_compile_export.py",
-    "test_segmentation_train.py",
-    "test_timm_models.py",
-    "test_input_sizes.py",
-)
-
-
-def pytest_collection_modifyitems(items):
-    def rank(item) -> int:
-        name = Path(str(item.fspath)).name
-        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
-
-    items.sort(key=rank)  # stable: each file's tests keep their order
-
-
 @pytest.fixture(scope="session")
 def datasets_root(tmp_path_factory) -> Path:
     """A DETECTRON2_DATASETS root holding the generated shapes instances dataset."""

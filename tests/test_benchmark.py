@@ -99,19 +99,64 @@ def test_detectors(tmp_path, monkeypatch):
     assert r50["gflops"] > 0 and r50["inference_mib"] > 0 and r50["train_mib"] > 0
 
 
-def test_saved_gelu_variant_keeps_the_gelu_output_with_the_same_weights():
-    """The "saved GELU" rows: the same model, its MLPs as three autograd operators, which keep
-    the GELU output (one more hidden-width tensor per MLP) and give the same outputs."""
+def test_detectors_cost_table_compares_per_gflop_with_swin_t():
+    """Issue 25's comparison: time per GFLOP and training memory as multiples of Swin-T's, bold
+    above 1, "-" for what a partial run has not measured."""
+
+    def timed(median):
+        return {"median": median, "min": median - 0.5, "max": median + 1}
+
+    swin = {"gflops": 200, "latency_s": timed(4.0), "train_step_s": timed(20.0), "train_mib": 5000}
+    results = {
+        "R50 Mask R-CNN": {"gflops": 100, "latency_s": timed(1.0), "train_step_s": timed(8.0)},
+        detectron.SWIN_T: swin,
+        "Hybrid": {"gflops": 100, "latency_s": timed(2.2), "train_step_s": timed(9.0),
+                   "train_mib": 6000},
+    }  # fmt: skip
+    table = detectors.cost_table("CPU", results)
+    assert table.title == f"CPU: cost against {detectron.SWIN_T}"
+    r50, swin_row, hybrid = table.rows
+    assert swin_row[3] == swin_row[5] == swin_row[7] == "1.00"
+    assert hybrid == [
+        "Hybrid", "100", "2.20 (1.70–3.20)", "**1.10**", "9.00 (8.50–10.00)", "0.90",
+        "6000", "**1.20**",
+    ]  # fmt: skip
+    assert r50[3:] == ["0.50", "8.00 (7.50–9.00)", "0.80", "-", "-"]
+    assert detectors.cost_table("CPU", {"Hybrid": results["Hybrid"]}) is None
+
+
+def _linear_mlps() -> tuple:
     from hybrid_d2.layers import Mlp
 
-    torch.manual_seed(0)
     model = nn.Sequential(Mlp(8, 32), nn.LayerNorm(8), Mlp(8, 16))
-    x = torch.randn(5, 8, requires_grad=True)
+    return model, torch.randn(5, 8), [(5, 16), (5, 32)]
+
+
+def _conv_mlp() -> tuple:
+    from hybrid_d2.backbones.dmformer import Mlp as ConvMlp
+
+    return ConvMlp(8, 2), torch.randn(1, 8, 3, 5), [(1, 16, 3, 5)]
+
+
+@pytest.mark.parametrize("example", [_linear_mlps, _conv_mlp])
+def test_saved_gelu_variant_keeps_the_gelu_output_with_the_same_weights(example):
+    """The "saved GELU" rows: the same model, its MLPs' GELU and fc2 as separate autograd
+    operators, which keep the GELU output (one more hidden-width tensor per MLP) and give the
+    same outputs."""
+    torch.manual_seed(0)
+    model, x, gelu_outputs = example()
+    x.requires_grad_()
     builds = {"Mlp": lambda: model, "saved GELU": backbones.with_saved_gelu(lambda: model)}
+    params = {p.data_ptr() for p in model.parameters()}
     saved = {}
     for name, build in builds.items():
-        shapes = []
-        keep = lambda t: shapes.append(tuple(t.shape)) or t  # noqa: E731
+        shapes = []  # of the activations kept for the backward
+
+        def keep(t):
+            if t.data_ptr() not in params:
+                shapes.append(tuple(t.shape))
+            return t
+
         with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
             out = build()(x)
         saved[name] = (out.detach(), sorted(shapes))
@@ -119,7 +164,7 @@ def test_saved_gelu_variant_keeps_the_gelu_output_with_the_same_weights():
     extra = list(saved["saved GELU"][1])
     for shape in saved["Mlp"][1]:
         extra.remove(shape)
-    assert sorted(extra) == [(5, 16), (5, 32)]  # the two GELU outputs
+    assert sorted(extra) == gelu_outputs
 
 
 def test_backbones(tmp_path):

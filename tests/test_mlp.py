@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hybrid_d2.backbones import dualformer
+from hybrid_d2.backbones import dmformer, dualformer
 from hybrid_d2.layers import Mlp
 
 
@@ -88,3 +88,45 @@ def test_dualformer_loads_checkpoints_with_the_sequential_ffn_names():
     fresh.load_state_dict(old)  # strict: every key found
     for k, v in fresh.state_dict().items():
         assert torch.equal(v, model.state_dict()[k] + 1), k
+
+
+def _plain_conv_mlp(mlp: dmformer.Mlp, x: torch.Tensor) -> torch.Tensor:
+    return mlp.fc2(F.gelu(mlp.dwconv(mlp.fc1(x))))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("frozen", [False, True])
+def test_conv_mlp_computes_what_the_plain_layers_compute(channels_last, frozen):
+    """DMFormer's MLP (1x1 -> depth-wise 3x3 -> GELU -> 1x1), NCHW in training, channels-last
+    when its branches run fused."""
+    torch.manual_seed(0)
+    mlp = dmformer.Mlp(6, 4).double().requires_grad_(not frozen)
+    x = torch.randn(2, 6, 5, 7, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    expected = _output_and_grads(_plain_conv_mlp, mlp, x)
+    got = _output_and_grads(dmformer.Mlp.forward, mlp, x)
+    assert len(got) == (2 if frozen else 8)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+
+
+def test_conv_mlp_keeps_no_gelu_output():
+    mlp, x = dmformer.Mlp(4, 8), torch.randn(2, 4, 3, 5, requires_grad=True)
+    hidden = (2, 32, 3, 5)
+    plain = _saved_activations(_plain_conv_mlp, mlp, x)
+    assert plain.count(hidden) == 3  # fc1 out (dwconv's input), dwconv out (GELU's), GELU out
+    assert _saved_activations(dmformer.Mlp.forward, mlp, x).count(hidden) == 2
+
+
+def test_conv_mlp_under_autocast_computes_what_autocast_computes():
+    torch.manual_seed(0)
+    mlp, x = dmformer.Mlp(8, 4), torch.randn(2, 8, 4, 4, requires_grad=True)
+    results = []
+    for forward in (_plain_conv_mlp, dmformer.Mlp.forward):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results.append(_output_and_grads(forward, mlp, x))
+    for got, expected in zip(*results[::-1]):
+        assert got.dtype == expected.dtype
+        torch.testing.assert_close(got, expected, rtol=1e-2, atol=1e-2)

@@ -9,7 +9,8 @@ paper's parameter and FLOP counts (docs/dmformer.md has the derivation):
   two);
 * downsampling before stages 2-4: 3x3 stride-2 conv + BN (as VAN's OverlapPatchEmbed);
 * MLP (Eq. 6): fc1 -> depth-wise 3x3 -> GELU -> fc2 (the text names only the two FCs; every
-  reported count needs the depth-wise conv, as in VAN);
+  reported count needs the depth-wise conv, as in VAN); training keeps the GELU's input, not
+  its output, for fc2's backward (recomputed: hybrid_d2.layers.gelu_linear);
 * gate (Eq. 2): FC(C -> C) -> ReLU -> FC(C -> C) -> sigmoid, from GAP of the DMA input.
 
 Additions for detection:
@@ -47,6 +48,7 @@ from ..layers import (
     SmallMapSafeConv2d,
     Stage,
     channel_norm,
+    gelu_linear,
     get_norm,
     inference_affine,
 )
@@ -101,6 +103,13 @@ class Pointwise(nn.Conv2d):
             out = F.linear(x.permute(0, 2, 3, 1), self.weight.flatten(1), self.bias)
             return out.permute(0, 3, 1, 2)
         return super().forward(x)
+
+    def after_gelu(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward(GELU(x))``; training keeps x, not GELU(x) (hybrid_d2.layers.gelu_linear)."""
+        if x.is_contiguous(memory_format=torch.channels_last):
+            out = gelu_linear(x.permute(0, 2, 3, 1), self.weight.flatten(1), self.bias)
+            return out.permute(0, 3, 1, 2)
+        return gelu_linear(x, self.weight, self.bias)
 
 
 class ConvStem(nn.Module):
@@ -256,7 +265,7 @@ class Mlp(nn.Module):
         self.fc2 = Pointwise(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.dwconv(self.fc1(x))))
+        return self.fc2.after_gelu(self.dwconv(self.fc1(x)))
 
 
 class DMFormerBlock(nn.Module):

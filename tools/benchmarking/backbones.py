@@ -14,7 +14,7 @@ import torchvision
 from detectron2.modeling.backbone.swin import SwinTransformer
 from torch import nn
 
-from hybrid_d2.backbones import D2DilateFormer, D2DualFormer
+from hybrid_d2.backbones import D2DilateFormer, D2DualFormer, dmformer
 from hybrid_d2.layers import DepthwiseConv2d, Mlp, flop_count_analysis
 
 from .detectron import DETECTOR_REFERENCE, SWIN_T, config_backbone, detector_backbone
@@ -97,14 +97,17 @@ def with_plain_depthwise(build: Callable[[], nn.Module]) -> Callable[[], nn.Modu
 
 
 def with_saved_gelu(build: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
-    """``build`` whose ``Mlp`` modules run fc1, GELU and fc2 as three autograd operators, which
-    keep the GELU output for the backward (as before issue 25's ``Mlp``), same weights."""
+    """``build`` whose MLPs (``Mlp``, DMFormer's convolutional one) run GELU and fc2 as separate
+    autograd operators, which keep the GELU output for the backward (as before issue 25's
+    ``gelu_linear``), same weights."""
 
     def build_plain() -> nn.Module:
         backbone = build()
         for module in backbone.modules():
             if isinstance(module, Mlp):
                 module.forward = partial(_three_operators, module)
+            elif isinstance(module, dmformer.Mlp):
+                module.forward = partial(_conv_operators, module)
         return backbone
 
     return build_plain
@@ -112,6 +115,10 @@ def with_saved_gelu(build: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
 
 def _three_operators(mlp: Mlp, x: torch.Tensor) -> torch.Tensor:
     return mlp.fc2(F.gelu(mlp.fc1(x)))
+
+
+def _conv_operators(mlp: "dmformer.Mlp", x: torch.Tensor) -> torch.Tensor:
+    return mlp.fc2(F.gelu(mlp.dwconv(mlp.fc1(x))))
 
 
 def shipped(name: str, reference: str = SWIN) -> Backbone:
@@ -157,7 +164,7 @@ BACKBONES.update({
     ),
     **{
         f"{name} saved GELU": Backbone(with_saved_gelu(BACKBONES[name].build), SWIN)
-        for name in ("MixFormer-B4", "DilateFormer-S", "DualFormer-S")
+        for name in ("MixFormer-B4", "DilateFormer-S", "DualFormer-S", "DMFormer-S")
     },
     "DualFormer-B": Backbone(partial(config_backbone, DUALFORMER_B), SWIN),
     "DualFormer-B USE_CHECKPOINT": Backbone(

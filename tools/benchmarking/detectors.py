@@ -3,13 +3,13 @@ Mask R-CNN."""
 
 import argparse
 import os
-from typing import Callable, Dict
-
+from typing import Callable, Dict, List, Optional
 
 from .detectron import (
     DETECTOR_REFERENCE,
     DETECTORS,
     LATENCY_COLUMNS,
+    SWIN_T,
     Runner,
     detector_config,
     device_settings,
@@ -53,6 +53,7 @@ def time_detectors(
     stage(f"the inference rounds on {device}")
     train = {name: runner.train_step for name, runner in runners.items()}
     for name, times in alternate(train, 1, args.train_rounds, sync, "train_step").items():
+        results[name]["train_step_s"] = spread(times)
         results[name]["train_images_per_s"] = spread([2 / t for t in times])
     stage(f"the training steps on {device}")
     return runners
@@ -75,6 +76,14 @@ def measure_detectors(
         for name in results:
             results[name].update(run_worker(args, name, memory=True))
     stage(f"the memory measurements on {device}")
+
+
+def tables(setting: str, results: Dict[str, dict]) -> List[Table]:
+    """The tables of one device setting: against R50, and against Swin-T when it ran."""
+    against_swin = cost_table(setting, results)
+    return [detector_table(setting, results, DETECTOR_REFERENCE)] + (
+        [against_swin] if against_swin else []
+    )
 
 
 def detector_table(setting: str, results: Dict[str, dict], reference: str) -> Table:
@@ -138,7 +147,7 @@ def detectors(args: argparse.Namespace) -> Report:
         return Report(
             settings=f"{args.height}x{args.width}, {args.warmup} warm-up + {args.rounds} "
             f"inference rounds, 1 + {args.train_rounds} training steps of 2 images",
-            tables=[detector_table(s, r, DETECTOR_REFERENCE) for s, r in results.items()],
+            tables=[table for setting, r in results.items() for table in tables(setting, r)],
             results=results,
         )
 
@@ -151,3 +160,43 @@ def detectors(args: argparse.Namespace) -> Report:
         results[setting] = {}
         measure_detectors(args, device, amp, results[setting], stage_ended)
     return report()
+
+
+def cost_table(setting: str, results: Dict[str, dict], reference: str = SWIN_T) -> Optional[Table]:
+    """Each detector's inference latency and training step per GFLOP and its training memory
+    added, as multiples of ``reference``'s (bold above 1; "-" where not measured yet); None
+    when ``reference`` is not in the run."""
+    if reference not in results:
+        return None
+    ref = results[reference]
+    table = Table(
+        [
+            "model", "GFLOPs", "inference s, median (min–max)", "× Swin-T inference per GFLOP",
+            "training step s, median (min–max)", "× Swin-T training per GFLOP",
+            "training memory added (MiB)", "× Swin-T training memory",
+        ],
+        title=f"{setting}: cost against {reference}",
+    )  # fmt: skip
+    for name, r in results.items():
+        cells = [name, f"{r['gflops']:.0f}"]
+        for key in ("latency_s", "train_step_s"):
+            cells += _per_gflop_cells(r, ref, key)
+        if "train_mib" in r:
+            cells += [f"{r['train_mib']:.0f}", _ratio(r["train_mib"] / ref["train_mib"])]
+        else:
+            cells += ["-", "-"]
+        table.rows.append(cells)
+    return table
+
+
+def _per_gflop_cells(result: dict, reference: dict, key: str) -> List[str]:
+    """``key``'s median (range) and its time per GFLOP over ``reference``'s."""
+    if key not in result or key not in reference:
+        return ["-", "-"]
+    t, ref = result[key], reference[key]
+    ratio = (t["median"] / result["gflops"]) / (ref["median"] / reference["gflops"])
+    return [f"{t['median']:.2f} ({t['min']:.2f}–{t['max']:.2f})", _ratio(ratio)]
+
+
+def _ratio(value: float) -> str:
+    return f"**{value:.2f}**" if value > 1.0 else f"{value:.2f}"

@@ -125,6 +125,42 @@ def test_detectors_cost_table_compares_per_gflop_with_swin_t():
     assert detectors.cost_table("CPU", {"Hybrid": results["Hybrid"]}) is None
 
 
+def test_plot_model_zoo_writes_the_plot_and_the_model_zoo_speed_table(tmp_path):
+    """From a finished detectors run: docs/model_zoo.png and MODEL_ZOO.md's table against Swin-T,
+    the prose around the markers kept."""
+
+    def timed(median):
+        return {"median": median, "min": median, "max": median}
+
+    def row(key, gflops, latency, step, mib):
+        return {"paper_row": key, "gflops": gflops, "latency_s": timed(latency),
+                "train_step_s": timed(step), "inference_mib": 400, "train_mib": mib}  # fmt: skip
+
+    setting = "CPU, 2 threads, fp32"
+    run = {
+        "command": "python tools/benchmark.py detectors", "machine": "vm", "date": "today",
+        "settings": "800x1333", "note": "", "results": {setting: {
+            R50: row("ResNet-50", 264, 3.0, 20.0, 2000),
+            detectron.SWIN_T: row("Swin-T", 276, 5.0, 28.0, 6000),
+            "MixFormer-B4 Mask R-CNN": row("mixformer_b4_mask_rcnn_1x", 252, 4.5, 27.0, 7000),
+        }},
+    }  # fmt: skip
+    results, doc, png = tmp_path / "results.json", tmp_path / "zoo.md", tmp_path / "zoo.png"
+    results.write_text(json.dumps(run))
+    doc.write_text("intro\n{}\nold\n{}\nafter\n".format(*plot_model_zoo.MARKERS))
+    args = ["--results", results, "--output", png, "--doc", doc]
+    assert plot_model_zoo.main(list(map(str, args))) == 0
+    assert png.stat().st_size > 10_000
+    text = doc.read_text()
+    assert text.startswith("intro\n") and text.endswith("after\n") and "old" not in text
+    assert f"Settings: {setting}, 800x1333" in text
+    rows = {r[0]: r for r in cells(text)}
+    mixformer = rows["MixFormer-B4 Mask R-CNN"]
+    assert mixformer[3] == f"{(4.5 / 252) / (5.0 / 276):.2f}" == "0.99"
+    assert mixformer[5] == f"**{(27.0 / 252) / (28.0 / 276):.2f}**" == "**1.06**"
+    assert mixformer[7] == f"**{7000 / 6000:.2f}**"
+
+
 def _linear_mlps() -> tuple:
     from hybrid_d2.layers import Mlp
 

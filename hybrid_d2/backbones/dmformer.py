@@ -32,7 +32,7 @@ the paper describes no head; VAN's gives its parameter counts), registered with 
 ``hybrid_dmformer_<variant>`` (docs/pretraining.md).
 """
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +51,7 @@ from ..layers import (
     gelu_linear,
     get_norm,
     inference_affine,
+    pointwise_linear,
 )
 
 __all__ = [
@@ -99,17 +100,19 @@ class Pointwise(nn.Conv2d):
         super().__init__(in_channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_contiguous(memory_format=torch.channels_last):
-            out = F.linear(x.permute(0, 2, 3, 1), self.weight.flatten(1), self.bias)
-            return out.permute(0, 3, 1, 2)
-        return super().forward(x)
+        return self._over_channels(pointwise_linear, x)
 
     def after_gelu(self, x: torch.Tensor) -> torch.Tensor:
         """``forward(GELU(x))``; training keeps x, not GELU(x) (hybrid_d2.layers.gelu_linear)."""
+        return self._over_channels(gelu_linear, x)
+
+    def _over_channels(self, linear: Callable, x: torch.Tensor) -> torch.Tensor:
+        """``linear(x, weight, bias)``: over the (B, H, W, C) view of a channels-last map, as a
+        1x1 conv otherwise."""
         if x.is_contiguous(memory_format=torch.channels_last):
-            out = gelu_linear(x.permute(0, 2, 3, 1), self.weight.flatten(1), self.bias)
+            out = linear(x.permute(0, 2, 3, 1), self.weight.flatten(1), self.bias)
             return out.permute(0, 3, 1, 2)
-        return gelu_linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class ConvStem(nn.Module):

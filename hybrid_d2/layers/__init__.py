@@ -12,7 +12,7 @@ from .classifier import (
 from .depthwise import DepthwiseConv2d, depthwise_conv2d
 from .dilated_attention import dilated_attention
 from .family import BackboneFamily, Option
-from .mlp import Mlp, gelu_linear, gelu_mlp
+from .mlp import Mlp, gelu_linear, gelu_mlp, pointwise_linear
 from .flops import FLOP_HANDLES, MMCV_FLOP_HANDLES, flop_count_analysis, flop_totals
 from .stage import Stage, checkpointed, to_channels_first, to_channels_last
 from .registration import FAMILIES, add_family_config, register_family
@@ -47,6 +47,7 @@ __all__ = [
     "flop_totals",
     "gelu_linear",
     "gelu_mlp",
+    "pointwise_linear",
     "get_norm",
     "inference_affine",
     "norm_for_device",

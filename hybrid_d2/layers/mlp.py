@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-__all__ = ["Mlp", "gelu_linear", "gelu_mlp"]
+__all__ = ["Mlp", "gelu_linear", "gelu_mlp", "pointwise_linear"]
 
 
 class Mlp(nn.Module):
@@ -46,19 +46,22 @@ def gelu_linear(
     records_backward = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias)
     )
-    if not records_backward or is_traced():
-        return _layer(weight)(F.gelu(hidden), weight, bias)
+    if not records_backward or _is_traced():
+        return pointwise_linear(F.gelu(hidden), weight, bias)
     return _GeluLinear.apply(hidden, weight, bias)
 
 
-def is_traced() -> bool:
+def _is_traced() -> bool:
     """Whether TorchScript or torch.compile is recording the call (custom autograd Functions are
     opaque to the first and need no memory trick under the second)."""
     return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
 
 
-def _layer(weight: torch.Tensor):
-    return F.conv2d if weight.dim() == 4 else F.linear
+def pointwise_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
+) -> torch.Tensor:
+    """``F.linear`` for a Linear's 2-D weight, ``F.conv2d`` for a 1x1 convolution's 4-D one."""
+    return (F.conv2d if weight.dim() == 4 else F.linear)(x, weight, bias)
 
 
 class _GeluLinear(torch.autograd.Function):
@@ -73,7 +76,7 @@ class _GeluLinear(torch.autograd.Function):
                 None if t is None else t.to(dtype) for t in (hidden, weight, bias)
             )
         with torch.autocast(device, enabled=False):
-            out = _layer(weight)(F.gelu(hidden), weight, bias)
+            out = pointwise_linear(F.gelu(hidden), weight, bias)
         ctx.save_for_backward(hidden, weight)
         return out
 

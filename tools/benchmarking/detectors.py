@@ -11,6 +11,7 @@ from .detectron import (
     LATENCY_COLUMNS,
     SWIN_T,
     Runner,
+    cost_per_gflop,
     detector_config,
     device_settings,
     latency_cells,
@@ -193,8 +194,8 @@ def _per_gflop_cells(result: dict, reference: dict, key: str) -> List[str]:
     """``key``'s median (range) and its time per GFLOP over ``reference``'s."""
     if key not in result or key not in reference:
         return ["-", "-"]
-    t, ref = result[key], reference[key]
-    ratio = (t["median"] / result["gflops"]) / (ref["median"] / reference["gflops"])
+    t = result[key]
+    ratio = cost_per_gflop(result, reference, key)
     return [f"{t['median']:.2f} ({t['min']:.2f}–{t['max']:.2f})", _ratio(ratio)]
 
 

@@ -207,11 +207,18 @@ LATENCY_COLUMNS = [
 ]  # fmt: skip
 
 
+def cost_per_gflop(result: dict, reference: dict, key: str = "latency_s") -> float:
+    """The median time ``key`` per GFLOP of ``result`` over that of ``reference``."""
+    return (result[key]["median"] / result["gflops"]) / (
+        reference[key]["median"] / reference["gflops"]
+    )
+
+
 def latency_cells(result: dict, reference: dict) -> List[str]:
     """The :data:`LATENCY_COLUMNS` cells of ``result``: GFLOPs, latency and their ratios to
     ``reference``'s (latency per GFLOP above 1.3 in bold)."""
     lat, ref_lat = result["latency_s"], reference["latency_s"]
-    per_gflop = (lat["median"] / result["gflops"]) / (ref_lat["median"] / reference["gflops"])
+    per_gflop = cost_per_gflop(result, reference)
     bold = "**" if per_gflop > 1.3 else ""
     return [
         f"{result['gflops']:.0f}", f"{result['gflops'] / reference['gflops']:.2f}",

@@ -17,7 +17,7 @@ from conftest import REPO_ROOT, run_script
 sys.path.insert(0, str(REPO_ROOT / "tools"))
 import benchmark  # noqa: E402
 import plot_model_zoo  # noqa: E402
-from benchmarking import backbones, detectors, detectron, profiling  # noqa: E402
+from benchmarking import backbones, detectors, detectron, operator_classes, profiling  # noqa: E402
 
 TINY = ["--height", "64", "--width", "96", "--warmup", "0", "--rounds", "1", "--threads", "1"]
 R50, RESNET, R50_UPERNET = "R50 Mask R-CNN", "ResNet-50 (Detectron2)", "R50 UperNet"
@@ -296,14 +296,24 @@ def test_profile_groups_forward_and_backward_by_module(tmp_path):
     run_mode("profile", args, tmp_path)
     found = tables((tmp_path / "doc.md").read_text())
     name = "DMFormer-S Mask R-CNN, backbone"
-    assert list(found) == [
+    summaries = [f"Operator classes, {phase}: share of self CPU time · GFLOP/s"
+                 for phase in ("training step", "inference")]  # fmt: skip
+    assert list(found) == summaries + [
         f"{name}, {phase}: {table}"
         for phase in ("training step", "inference")
         for table in (
             "time by module group", "top operators by self CPU time",
-            "top operators by memory left allocated",
+            "top operators by memory left allocated", "time by operator class",
+            "top FLOP-counted operators by CPU time",
         )
     ]  # fmt: skip
+    for summary in summaries:
+        header, [row] = found[summary][0], found[summary][1:]
+        assert row[0] == "DMFormer-S Mask R-CNN"
+        shares = [float(cell.split("%")[0]) for cell in row[2:-1]]
+        assert abs(sum(shares) - 100) <= 0.05 * len(shares) + 1e-9, dict(zip(header[2:], row[2:]))
+        depthwise = row[header.index("depth-wise convolutions")]
+        assert float(depthwise.split("%")[0]) > 5 and float(depthwise.split(" · ")[1]) > 0
     for phase in ("training step", "inference"):
         groups = {row[0]: row for row in found[f"{name}, {phase}: time by module group"][1:]}
         shares = {group: float(row[2].rstrip("%")) for group, row in groups.items()}
@@ -366,3 +376,73 @@ def test_profile_backward_goes_to_the_module_that_made_the_node():
     assert backward_ops == {"conv backward"}
     assert "anchors" in profile.groups and "anchors backward" not in profile.groups
     assert abs(sum(t.cpu_us for t in profile.groups.values()) - profile.cpu_us) < 1e-6
+
+
+class EveryKernel(nn.Module):
+    """A dense convolution (stride, padding, dilation), a depth-wise and a grouped one, a
+    transposed one, a linear layer on a 3-D input, a batched product and fused attention."""
+
+    def __init__(self):
+        super().__init__()
+        self.dense = nn.Conv2d(3, 8, 3, stride=2, padding=2, dilation=2)
+        self.depthwise = nn.Conv2d(8, 8, 5, padding=1, groups=8)
+        self.grouped = nn.Conv2d(8, 12, 3, groups=4)
+        self.up = nn.ConvTranspose2d(12, 6, 2, stride=2)
+        self.linear = nn.Linear(6, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.up(self.grouped(self.depthwise(self.dense(x))))
+        tokens = self.linear(x.flatten(2).transpose(1, 2))  # [B, N, 10]
+        gram = torch.bmm(tokens.transpose(1, 2), tokens)
+        heads = tokens.reshape(tokens.shape[0], tokens.shape[1], 2, 5).transpose(1, 2)
+        attended = nn.functional.scaled_dot_product_attention(heads, heads, heads)
+        return gram.sum() + attended.sum()
+
+
+def test_operator_classes_count_the_flops_fvcore_counts():
+    """Inference: each class's FLOPs are twice fvcore's multiply-adds for the same layers
+    (fvcore counts one per multiply-add; the profile two); the training step adds the backward's
+    gradients: twice the forward for every layer but the first (no input gradient) and the
+    attention's four products."""
+    from fvcore.nn import FlopCountAnalysis
+
+    torch.manual_seed(0)
+    model, image = EveryKernel(), torch.randn(2, 3, 20, 24)
+    counts = FlopCountAnalysis(model, image)
+    counts.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+    by_module = counts.by_module()
+    with torch.no_grad():
+        inference = profiling.profile_calls(lambda: model(image), 1, "cpu")
+    expected = {
+        operator_classes.DENSE_CONV: by_module["dense"] + by_module["up"],
+        operator_classes.DEPTHWISE_CONV: by_module["depthwise"],
+        operator_classes.GROUPED_CONV: by_module["grouped"],
+    }
+    found = {kind: inference.classes[kind].flops / 2 for kind in expected}
+    assert found == expected
+    # 20x24 -> dense 10x12 -> depth-wise 8x10 -> grouped 6x8 -> up 12x16: 192 tokens of 10
+    gram = 2 * 10 * 192 * 10  # multiply-adds of [2, 10, 192] @ [2, 192, 10]
+    matrix_products = by_module["linear"] + gram
+    assert by_module["linear"] == 2 * 192 * 6 * 10
+    assert inference.classes[operator_classes.GEMM].flops / 2 == matrix_products
+    attention = 2 * 2 * 2 * 192 * 192 * (5 + 5)  # Q K^T and P V: B=2, H=2, L=S=192, E=5
+    assert inference.classes[operator_classes.ATTENTION].flops == attention
+    training = profiling.profile_calls(lambda: model(image).backward(), 1, "cpu")
+    convolutions = sum(expected.values())
+    found = sum(training.classes[kind].flops / 2 for kind in expected)
+    assert found == convolutions + 2 * convolutions - by_module["dense"]
+    assert training.classes[operator_classes.ATTENTION].flops == 3 * attention
+    assert training.classes[operator_classes.GEMM].flops / 2 == 3 * matrix_products
+
+
+def test_operator_classes_take_their_callers_class():
+    """The operators a convolution or a matrix product calls (buffers, reshapes) are counted in
+    its class; module code and autograd nodes are outside operators; shares cover the whole."""
+    model, image = EveryKernel(), torch.randn(1, 3, 16, 16)
+    profile = profiling.profile_calls(lambda: model(image).backward(), 1, "cpu")
+    assert set(profile.classes) <= set(operator_classes.CLASSES)
+    assert abs(sum(t.cpu_us for t in profile.classes.values()) - profile.cpu_us) < 1e-6
+    mkldnn = [key for key in profile.operators if key[0] == "aten::mkldnn_convolution"]
+    assert mkldnn, "the convolutions ran elsewhere than oneDNN"
+    assert profile.classes[operator_classes.OUTSIDE_OPERATORS].calls > 0
+    assert operator_classes.operator_class("aten::mkldnn_convolution", [], []) is None

@@ -13,6 +13,7 @@ from torch.autograd import DeviceType
 from torch.autograd.profiler import record_function
 
 from . import backbones as backbone_mode
+from . import operator_classes as classes
 from .detectron import DETECTORS, Runner, detector_backbone, detector_config
 from .registry import mode, models_option, option
 from .report import Report, Table
@@ -123,12 +124,14 @@ Key = Tuple[str, str, str]  # operator, group, input shapes
 
 @dataclass
 class Totals:
-    """Self CPU time (us), device time (us), allocated self CPU memory (bytes), calls."""
+    """Self CPU time (us), device time (us), allocated self CPU memory (bytes), calls and
+    floating-point operations (:func:`operator_classes.operator_flops`)."""
 
     cpu_us: float = 0.0
     device_us: float = 0.0
     memory_bytes: float = 0.0
     calls: int = 0
+    flops: float = 0.0
 
     def add(self, event: object, inclusive_memory: bool = False) -> None:
         """Count ``event``'s self figures in; memory: what it allocated itself, or with
@@ -145,16 +148,36 @@ class Totals:
 @dataclass
 class Profile:
     """One profiled phase: totals per group, per (operator, group, input shapes) and per the
-    same of the operators called from module code, with the memory they left allocated."""
+    same of the operators called from module code, with the memory they left allocated; per
+    operator class (self time and FLOPs) and per FLOP-counted operator (``computing``: time with
+    the operators it called, the time its FLOPs took)."""
 
     groups: Dict[str, Totals] = field(default_factory=lambda: defaultdict(Totals))
     operators: Dict[Key, Totals] = field(default_factory=lambda: defaultdict(Totals))
     called: Dict[Key, Totals] = field(default_factory=lambda: defaultdict(Totals))
+    classes: Dict[str, Totals] = field(default_factory=lambda: defaultdict(Totals))
+    computing: Dict[Key, Totals] = field(default_factory=lambda: defaultdict(Totals))
 
     @property
     def cpu_us(self) -> float:
         """All self CPU time."""
         return sum(t.cpu_us for t in self.groups.values())
+
+
+def event_class(event: object) -> str:
+    """The operator class of a profiled event: an ATen operator's own
+    (:func:`operator_classes.operator_class`), else that of the nearest ATen operator above it
+    that has one (a wrapper's children: a convolution's buffers, a matmul's reshapes), else
+    element-wise; every other range (module code, autograd nodes, the optimizer) is outside
+    operators."""
+    if not event.name.startswith("aten::"):
+        return classes.OUTSIDE_OPERATORS
+    while event is not None and event.name.startswith("aten::"):
+        found = classes.operator_class(event.name, event.input_shapes, event.concrete_inputs)
+        if found:
+            return found
+        event = event.cpu_parent
+    return classes.ELEMENTWISE
 
 
 def profile_calls(call: Callable[[], object], calls: int, device: str) -> Profile:
@@ -173,11 +196,20 @@ def profile_calls(call: Callable[[], object], calls: int, device: str) -> Profil
     profile = Profile()
     for group, called, event in event_groups(prof.events()):
         profile.groups[group].add(event)
+        flops = classes.operator_flops(event.name, event.input_shapes, event.concrete_inputs)
+        kind = profile.classes[event_class(event)]
+        kind.add(event)
+        kind.flops += flops
         if not event.name.startswith(SCOPE):  # a range's own time is its module's Python code
             key = (event.name, group, str(event.input_shapes))
             profile.operators[key].add(event)
             if called:
                 profile.called[key].add(event, inclusive_memory=True)
+            if flops:
+                computing = profile.computing[key]
+                computing.cpu_us += event.cpu_time_total
+                computing.calls += 1
+                computing.flops += flops
     return profile
 
 
@@ -230,6 +262,66 @@ def operator_table(title: str, profile: Profile, limit: int, by_memory: bool) ->
             f"`{name}`", group, shapes, str(t.calls), ms(t.cpu_us), share(t.cpu_us, profile.cpu_us),
             mib(t.memory_bytes),
         ])  # fmt: skip
+    return table
+
+
+def rate(flops: float, us: float) -> str:
+    """GFLOP/s, no decimals; "-" without FLOPs."""
+    return f"{flops / us / 1e3:.0f}" if flops and us else "-"
+
+
+def class_table(title: str, profile: Profile) -> Table:
+    """Self CPU time, share, GFLOP and GFLOP/s per operator class, in the classes' order."""
+    table = Table(
+        ["operator class", "self CPU ms", "share", "op calls", "GFLOP", "GFLOP/s"], title=title
+    )
+    for name in classes.CLASSES:
+        t = profile.classes.get(name)
+        if t is None:
+            continue
+        table.rows.append([
+            name, ms(t.cpu_us), share(t.cpu_us, profile.cpu_us), str(t.calls),
+            f"{t.flops / 1e9:.1f}" if t.flops else "-", rate(t.flops, t.cpu_us),
+        ])  # fmt: skip
+    return table
+
+
+def computing_table(title: str, profile: Profile, limit: int) -> Table:
+    """The ``limit`` FLOP-counted (operator, group, input shapes) with the most CPU time (with
+    the operators they called), and their GFLOP/s."""
+    table = Table(
+        ["operator", "module group", "input shapes", "calls", "CPU ms", "share", "GFLOP/s"],
+        title=title,
+    )
+    ranked = sorted(profile.computing.items(), key=lambda item: -item[1].cpu_us)
+    for (name, group, shapes), t in ranked[:limit]:
+        table.rows.append([
+            f"`{name}`", group, shapes, str(t.calls), ms(t.cpu_us),
+            share(t.cpu_us, profile.cpu_us), rate(t.flops, t.cpu_us),
+        ])  # fmt: skip
+    return table
+
+
+def class_summary_table(phase: str, profiles: Dict[str, Profile]) -> Table:
+    """One row per model: each operator class's share of the phase's self CPU time, with the
+    GFLOP/s of the classes that count FLOPs, and the whole of those classes."""
+    table = Table(
+        ["model", "self CPU ms"] + list(classes.CLASSES) + ["FLOP-counted classes"],
+        title=f"Operator classes, {phase}: share of self CPU time · GFLOP/s",
+    )
+    for name, p in profiles.items():
+        cells = [name, ms(p.cpu_us)]
+        computed = Totals()
+        for kind in classes.CLASSES:
+            t = p.classes.get(kind, Totals())
+            cell = share(t.cpu_us, p.cpu_us)
+            if kind in classes.COMPUTE_CLASSES:
+                computed.cpu_us += t.cpu_us
+                computed.flops += t.flops
+                cell += f" · {rate(t.flops, t.cpu_us)}" if t.cpu_us else ""
+            cells.append(cell)
+        cells.append(f"{share(computed.cpu_us, p.cpu_us)} · {rate(computed.flops, computed.cpu_us)}")
+        table.rows.append(cells)
     return table
 
 
@@ -301,7 +393,7 @@ def profile(args: argparse.Namespace) -> Report:
     default_height, default_width = DEFAULT_SIZE[args.target]
     args.height, args.width = args.height or default_height, args.width or default_width
     device = args.device.startswith("cuda")
-    tables, results = [], {}
+    tables, results, by_phase = [], {}, {}
     for name in args.models:
         model, calls, depth = phases(name, args)
         scopes = ModuleScopes(model, depth)
@@ -319,15 +411,25 @@ def profile(args: argparse.Namespace) -> Report:
             )
             tables.append(operator_table(f"{title}: top operators by memory left allocated", p,
                                          args.row_limit, by_memory=True))  # fmt: skip
+            tables.append(class_table(f"{title}: time by operator class", p))
+            tables.append(computing_table(
+                f"{title}: top FLOP-counted operators by CPU time", p, args.row_limit
+            ))  # fmt: skip
+            by_phase.setdefault(phase, {})[name] = p
             results.setdefault(name, {})[phase] = {
                 "self_cpu_ms": p.cpu_us / 1e3,
                 "groups_ms": {g: t.cpu_us / 1e3 for g, t in p.groups.items()},
+                "classes": {
+                    c: {"self_cpu_ms": t.cpu_us / 1e3, "gflop": t.flops / 1e9}
+                    for c, t in p.classes.items()
+                },
             }
         scopes.remove()
         del model, calls, scopes
+    summaries = [class_summary_table(phase, profiles) for phase, profiles in by_phase.items()]
     return Report(
         settings=f"{args.device}, {args.threads} threads, {args.target} at {args.height}x"
         f"{args.width}, {args.warmup} warm-up + {args.rounds} profiled call(s) per phase",
-        tables=tables,
+        tables=summaries + tables,
         results=results,
     )

@@ -203,6 +203,29 @@ def test_saved_gelu_variant_keeps_the_gelu_output_with_the_same_weights(example)
     assert sorted(extra) == gelu_outputs
 
 
+def test_3d_bias_variant_runs_the_math_path_with_the_same_outputs():
+    """The "MixFormer-B4 3-D bias" row: the same model, its window attention's bias passed as a
+    3-D mask, which runs SDPA's unfused math path in inference (the shipped 4-D mask: the fused
+    kernel), with the same outputs within float32 round-off."""
+    from hybrid_d2.backbones.mixformer import MixFormer
+
+    torch.manual_seed(0)
+    model = MixFormer(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(2, 2, 2, 2)).eval()
+    x = torch.randn(1, 3, 64, 96)
+    kernels, outputs = {}, {}
+    for name, build in {"4-D": lambda: model, "3-D": backbones.with_3d_bias(lambda: model)}.items():
+        net = build()
+        with torch.no_grad(), torch.profiler.profile() as prof:
+            outputs[name] = net(x)
+        kernels[name] = {e.name for e in prof.events() if "_scaled_dot_product" in e.name}
+    assert kernels == {
+        "4-D": {"aten::_scaled_dot_product_flash_attention_for_cpu"},
+        "3-D": {"aten::_scaled_dot_product_attention_math"},
+    }
+    for ours, before in zip(outputs["4-D"], outputs["3-D"]):
+        assert torch.allclose(ours, before, rtol=1e-5, atol=1e-5)
+
+
 def test_backbones(tmp_path):
     """DMF-XXS against MobileNetV3-Large, its reference (two memory workers of seconds each)."""
     rows = run_mode("backbones", ["--models", "DMF-XXS", MOBILENET], tmp_path)
@@ -257,6 +280,10 @@ def test_doc_without_markers_is_refused_before_measuring(tmp_path):
     doc.write_text(f"{benchmark.markers('backbones')[0]}\n")
     with pytest.raises(SystemExit, match="needs one '<!-- benchmark.py backbones: begin -->'"):
         benchmark.main(["backbones", "--models", "DMF-XXS", "--doc", str(doc)])
+    missing = tmp_path / "missing.md"
+    with pytest.raises(SystemExit, match=f"cannot read {missing} .No such file or directory.; it"):
+        benchmark.main(["profile", "--doc", str(missing)])
+    assert not missing.exists()
 
 
 def test_segmentation(tmp_path):

@@ -19,9 +19,17 @@ def checked_text(text: str, path: str, markers: Tuple[str, str], tool: str) -> s
 
 
 def check_file(path: str, markers: Tuple[str, str], tool: str) -> None:
-    """Exit unless file ``path`` has the ``markers`` (:func:`checked_text`)."""
-    with open(path) as f:
-        checked_text(f.read(), path, markers, tool)
+    """Exit unless file ``path`` exists and has the ``markers`` (:func:`checked_text`)."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError as error:
+        begin, end = markers
+        raise SystemExit(
+            f"{tool}: cannot read {path} ({error.strerror}); it needs one '{begin}' line before"
+            f" one '{end}' line"
+        ) from None
+    checked_text(text, path, markers, tool)
 
 
 def replace_between(

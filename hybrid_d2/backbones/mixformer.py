@@ -176,7 +176,9 @@ class MixingAttention(nn.Module):
         windows, padded_size = window_partition(qkv, self.window_size)
         num_windows, tokens = windows.shape[:2]
         q, k, v = windows.view(num_windows, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        bias = self.relative_position_bias().to(q.dtype)
+        # (1, heads, L, L): PyTorch's fused CPU kernel takes a 4-D mask only (a 3-D one runs the
+        # unfused math path, 1.6-1.9x slower in inference in stages 1-2; docs/benchmarks.md)
+        bias = self.relative_position_bias().to(q.dtype).unsqueeze(0)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # scale = head_dim**-0.5
         out = out.transpose(1, 2).reshape(num_windows, tokens, -1)
         return window_reverse(out, self.window_size, padded_size, size)

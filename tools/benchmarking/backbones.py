@@ -14,7 +14,7 @@ import torchvision
 from detectron2.modeling.backbone.swin import SwinTransformer
 from torch import nn
 
-from hybrid_d2.backbones import D2DilateFormer, D2DualFormer, dmformer
+from hybrid_d2.backbones import D2DilateFormer, D2DualFormer, dmformer, mixformer
 from hybrid_d2.layers import DepthwiseConv2d, Mlp, flop_count_analysis
 
 from .detectron import DETECTOR_REFERENCE, SWIN_T, config_backbone, detector_backbone
@@ -121,6 +121,32 @@ def _conv_operators(mlp: "dmformer.Mlp", x: torch.Tensor) -> torch.Tensor:
     return mlp.fc2(F.gelu(mlp.dwconv(mlp.fc1(x))))
 
 
+def with_3d_bias(build: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
+    """``build`` whose MixFormer window attention passes its relative position bias to SDPA as
+    a (heads, L, L) mask, which runs PyTorch's unfused math path in inference too (as before
+    issue 25), same weights."""
+
+    def build_3d_bias() -> nn.Module:
+        backbone = build()
+        for module in backbone.modules():
+            if isinstance(module, mixformer.MixingAttention):
+                module.window_attention = partial(_window_attention_3d_bias, module)
+        return backbone
+
+    return build_3d_bias
+
+
+def _window_attention_3d_bias(attn: "mixformer.MixingAttention", qkv: torch.Tensor) -> torch.Tensor:
+    windows, padded_size = mixformer.window_partition(qkv, attn.window_size)
+    count, tokens = windows.shape[:2]
+    q, k, v = windows.view(count, tokens, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+    bias = attn.relative_position_bias().to(q.dtype)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2)
+    return mixformer.window_reverse(
+        out.reshape(count, tokens, -1), attn.window_size, padded_size, qkv.shape[1:3]
+    )
+
+
 def shipped(name: str, reference: str = SWIN) -> Backbone:
     """The backbone of the detectors mode's detector ``name`` (its shipped config)."""
     return Backbone(partial(detector_backbone, name), reference)
@@ -166,6 +192,7 @@ BACKBONES.update({
         f"{name} saved GELU": Backbone(with_saved_gelu(BACKBONES[name].build), SWIN)
         for name in ("MixFormer-B4", "DilateFormer-S", "DualFormer-S", "DMFormer-S")
     },
+    "MixFormer-B4 3-D bias": Backbone(with_3d_bias(BACKBONES["MixFormer-B4"].build), SWIN),
     "DualFormer-B": Backbone(partial(config_backbone, DUALFORMER_B), SWIN),
     "DualFormer-B USE_CHECKPOINT": Backbone(
         partial(config_backbone, DUALFORMER_B, ["MODEL.DUALFORMER.USE_CHECKPOINT", True]), SWIN
@@ -304,7 +331,8 @@ def backbones(args: argparse.Namespace) -> Report:
     stage-3 attention mode and with the official nn.Unfold MSDA, DualFormer-S with each
     intra-partition mode, DMF-XXS/XS, DMF-S with its dynamic convs one sample at a time, DMFormer-S
     with its branches fused and with PyTorch's depth-wise convolution in them, MixFormer-B4,
-    DilateFormer-S and DualFormer-S with MLPs that keep the GELU output ("saved GELU"), and
+    DilateFormer-S and DualFormer-S with MLPs that keep the GELU output ("saved GELU"),
+    MixFormer-B4 with its attention bias as a 3-D mask (SDPA's math path in inference), and
     DualFormer-B with and without activation checkpointing.
 
     All models are built in this process; --batch noise images (default 2) at --height x --width.

@@ -11,6 +11,7 @@ from typing import Dict, List, Sequence
 import pytest
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from conftest import REPO_ROOT, run_script
 
@@ -454,6 +455,11 @@ def test_operator_classes_count_the_flops_fvcore_counts():
     assert inference.classes[operator_classes.GEMM].flops / 2 == matrix_products
     attention = 2 * 2 * 2 * 192 * 192 * (5 + 5)  # Q K^T and P V: B=2, H=2, L=S=192, E=5
     assert inference.classes[operator_classes.ATTENTION].flops == attention
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):  # the unfused path: its products count
+        unfused = profiling.profile_calls(lambda: model(image), 1, "cpu")
+    assert unfused.classes[operator_classes.ATTENTION].flops == 0
+    found = unfused.classes[operator_classes.GEMM].flops
+    assert found == inference.classes[operator_classes.GEMM].flops + attention
     training = profiling.profile_calls(lambda: model(image).backward(), 1, "cpu")
     convolutions = sum(expected.values())
     found = sum(training.classes[kind].flops / 2 for kind in expected)

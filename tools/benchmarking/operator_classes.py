@@ -87,8 +87,9 @@ def _convolution_flops(image: Sequence[int], weight: Sequence[int], out_spatial:
 def operator_flops(name: str, shapes: Sequence, concrete: Sequence) -> int:
     """The floating-point operations (2 per multiply-add) of one call of a matrix product,
     convolution (``aten::convolution`` and ``aten::convolution_backward``: the gradients it
-    computes) or fused attention (forward, and backward as its four products); 0 for any other
-    operator, including the wrappers whose children carry the count."""
+    computes) or fused attention (a fused kernel: forward, and backward as its four products);
+    0 for any other operator, including the wrappers and SDPA's unfused math path, whose
+    children (matrix products) carry the count."""
     try:
         if name == "aten::mm":
             (m, k), (_, n) = shapes[0], shapes[1]
@@ -114,7 +115,8 @@ def operator_flops(name: str, shapes: Sequence, concrete: Sequence) -> int:
             )  # fmt: skip
             once = _convolution_flops(image, weight, grad_out[2:], transposed)
             return once * (int(mask[0]) + int(mask[1]))
-        if name.startswith("aten::_scaled_dot_product_") and len(shapes) >= 4:
+        if name.startswith("aten::_scaled_dot_product_") and "_math" not in name:
+            # a fused kernel; the math path's matrix products count as themselves
             backward = name.endswith("_backward")
             query, key, value = shapes[1:4] if backward else shapes[0:3]
             # Q K^T and P V; the backward: the four products of their gradients

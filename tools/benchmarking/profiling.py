@@ -166,10 +166,10 @@ class Profile:
 
 def event_class(event: object) -> str:
     """The operator class of a profiled event: an ATen operator's own
-    (:func:`operator_classes.operator_class`), else that of the nearest ATen operator above it
-    that has one (a wrapper's children: a convolution's buffers, a matmul's reshapes), else
-    element-wise; every other range (module code, autograd nodes, the optimizer) is outside
-    operators."""
+    (:func:`operator_classes.operator_class`; a copy is a copy wherever it runs), else that of
+    the nearest ATen operator above it that has one (a wrapper's children: a convolution's
+    buffers, a linear layer's transposed view), else element-wise; every other range (module
+    code, autograd nodes, the optimizer) is outside operators."""
     if not event.name.startswith("aten::"):
         return classes.OUTSIDE_OPERATORS
     while event is not None and event.name.startswith("aten::"):
@@ -386,7 +386,12 @@ def profile(args: argparse.Namespace) -> Report:
 
     Tables per model and phase: module groups by self CPU time (--row-limit rows, the rest in one
     row; with self CPU memory allocated), then the top operators (name, group, input shapes) by
-    self CPU time, and the top operators called from module code by memory left allocated.
+    self CPU time, the top operators called from module code by memory left allocated, the time
+    by operator class (tools/benchmarking/operator_classes.py: matrix products, fused attention,
+    dense / depth-wise / grouped convolutions, norms, copies, element-wise, outside operators)
+    with the GFLOP/s of the classes that count FLOPs (2 per multiply-add), and the top
+    FLOP-counted operators by CPU time with their GFLOP/s. Before them, per phase, one table of
+    all the models' operator classes side by side.
     """
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")

@@ -324,8 +324,15 @@ def test_profile_groups_forward_and_backward_by_module(tmp_path):
     run_mode("profile", args, tmp_path)
     found = tables((tmp_path / "doc.md").read_text())
     name = "DMFormer-S Mask R-CNN, backbone"
-    summaries = [f"Operator classes, {phase}: share of self CPU time · GFLOP/s"
-                 for phase in ("training step", "inference")]  # fmt: skip
+    summaries = [
+        title
+        for phase in ("training step", "inference")
+        for title in (
+            f"Operator classes, {phase}: share of self CPU time · GFLOP/s",
+            f"Operator classes, {phase}: self CPU time per GFLOP as × DMFormer-S Mask R-CNN's,"
+            " by class",
+        )
+    ]
     assert list(found) == summaries + [
         f"{name}, {phase}: {table}"
         for phase in ("training step", "inference")
@@ -335,7 +342,12 @@ def test_profile_groups_forward_and_backward_by_module(tmp_path):
             "top FLOP-counted operators by CPU time",
         )
     ]  # fmt: skip
-    for summary in summaries:
+    for cost in summaries[1::2]:  # the only model is the reference: its classes add up to 1
+        header, [row] = found[cost][0], found[cost][1:]
+        assert row[0] == "DMFormer-S Mask R-CNN" and float(row[1]) > 0 and row[2] == "1.00"
+        assert abs(float(row[3]) + float(row[4]) - 1) <= 0.01
+        assert abs(sum(float(cell) for cell in row[5:]) - 1) <= 0.005 * len(row[5:])
+    for summary in summaries[::2]:
         header, [row] = found[summary][0], found[summary][1:]
         assert row[0] == "DMFormer-S Mask R-CNN"
         shares = [float(cell.split("%")[0]) for cell in row[2:-1]]
@@ -479,3 +491,25 @@ def test_operator_classes_take_their_callers_class():
     assert mkldnn, "the convolutions ran elsewhere than oneDNN"
     assert profile.classes[operator_classes.OUTSIDE_OPERATORS].calls > 0
     assert operator_classes.operator_class("aten::mkldnn_convolution", [], []) is None
+
+
+def test_profile_cost_table_splits_the_cost_per_gflop_by_class():
+    """Against Swin-T, whichever order: a model with twice the matrix product time and as much of
+    the rest for half the GFLOPs costs (2 x 3 + 1) / (3 + 1) x 2 = 3.5 times as much per GFLOP."""
+    def profile(gemm_us: float, rest_us: float) -> profiling.Profile:
+        p = profiling.Profile()
+        p.classes[operator_classes.GEMM].cpu_us = gemm_us
+        p.classes[operator_classes.ELEMENTWISE].cpu_us = rest_us
+        p.groups["all"].cpu_us = gemm_us + rest_us
+        return p
+
+    swin = detectron.SWIN_T
+    profiles = {"hybrid": profile(6.0, 1.0), swin: profile(3.0, 1.0)}
+    table = profiling.cost_table("training step", profiles, {"hybrid": 5.0, swin: 10.0})
+    assert table.title.endswith(f"× {swin}'s, by class")
+    rows = {row[0]: dict(zip(table.columns, row)) for row in table.rows}
+    hybrid = rows["hybrid"]
+    assert hybrid[f"× {swin} per GFLOP"] == "3.50"
+    assert (hybrid["FLOP-counted classes"], hybrid["the rest"]) == ("3.00", "0.50")
+    assert (hybrid[operator_classes.GEMM], hybrid[operator_classes.ELEMENTWISE]) == ("3.00", "0.50")
+    assert rows[swin][f"× {swin} per GFLOP"] == "1.00" and rows[swin]["the rest"] == "0.25"

@@ -14,7 +14,7 @@ from torch.autograd.profiler import record_function
 
 from . import backbones as backbone_mode
 from . import operator_classes as classes
-from .detectron import DETECTORS, Runner, detector_backbone, detector_config
+from .detectron import DETECTORS, SWIN_T, Runner, detector_backbone, detector_config
 from .registry import mode, models_option, option
 from .report import Report, Table
 from .timing import progress
@@ -266,8 +266,11 @@ def operator_table(title: str, profile: Profile, limit: int, by_memory: bool) ->
 
 
 def rate(flops: float, us: float) -> str:
-    """GFLOP/s, no decimals; "-" without FLOPs."""
-    return f"{flops / us / 1e3:.0f}" if flops and us else "-"
+    """GFLOP/s, no decimals from 10 up, one below; "-" without FLOPs."""
+    if not (flops and us):
+        return "-"
+    value = flops / us / 1e3
+    return f"{value:.0f}" if value >= 10 else f"{value:.1f}"
 
 
 def class_table(title: str, profile: Profile) -> Table:
@@ -325,22 +328,47 @@ def class_summary_table(phase: str, profiles: Dict[str, Profile]) -> Table:
     return table
 
 
+def cost_table(phase: str, profiles: Dict[str, Profile], gflops: Dict[str, float]) -> Table:
+    """Each model's self CPU time per GFLOP as a multiple of the reference's (Swin-T where it
+    is in the run, else the first model), and what each operator class adds to that multiple."""
+    reference = SWIN_T if SWIN_T in profiles else next(iter(profiles))
+    reference_cost = profiles[reference].cpu_us / gflops[reference]
+    table = Table(
+        ["model", "GFLOPs", f"× {reference} per GFLOP", "FLOP-counted classes", "the rest"]
+        + list(classes.CLASSES),
+        title=f"Operator classes, {phase}: self CPU time per GFLOP as × {reference}'s, by class",
+    )
+    for name, p in profiles.items():
+        unit = gflops[name] * reference_cost
+        spent = {kind: p.classes[kind].cpu_us if kind in p.classes else 0.0
+                 for kind in classes.CLASSES}  # fmt: skip
+        counted = sum(spent[kind] for kind in classes.COMPUTE_CLASSES)
+        table.rows.append(
+            [name, f"{gflops[name]:.2f}", f"{p.cpu_us / unit:.2f}", f"{counted / unit:.2f}",
+             f"{(p.cpu_us - counted) / unit:.2f}"]
+            + [f"{spent[kind] / unit:.2f}" for kind in classes.CLASSES]
+        )  # fmt: skip
+    return table
+
+
 def phases(
     name: str, args: argparse.Namespace
-) -> Tuple[nn.Module, Dict[str, Callable[[], None]], int]:
+) -> Tuple[nn.Module, Dict[str, Callable[[], None]], int, float]:
     """The model profiled for detector ``name`` (the detector, or its backbone with
-    ``--target backbone``), its calls per phase and the group depth outside repeated blocks."""
+    ``--target backbone``), its calls per phase, the group depth outside repeated blocks and its
+    fvcore GFLOPs (one image: the detectors mode's or the backbones mode's count)."""
     if args.target == "detector":
         cfg = detector_config(name, args.device)
         runner = Runner(cfg, args, amp=False)
-        return runner.model, {"training step": runner.train_step, "inference": runner.infer}, 4
+        calls = {"training step": runner.train_step, "inference": runner.infer}
+        return runner.model, calls, 4, runner.gflops()
     model = detector_backbone(name).to(args.device)
     image = backbone_mode.image_batch(args)
     calls = {
         "training step": partial(backbone_mode.train_step, model, image),
         "inference": partial(backbone_mode.infer, model, image),
     }
-    return model, calls, 2
+    return model, calls, 2, backbone_mode.gflops(model, image)
 
 
 @mode(
@@ -390,17 +418,20 @@ def profile(args: argparse.Namespace) -> Report:
     by operator class (tools/benchmarking/operator_classes.py: matrix products, fused attention,
     dense / depth-wise / grouped convolutions, norms, copies, element-wise, outside operators)
     with the GFLOP/s of the classes that count FLOPs (2 per multiply-add), and the top
-    FLOP-counted operators by CPU time with their GFLOP/s. Before them, per phase, one table of
-    all the models' operator classes side by side.
+    FLOP-counted operators by CPU time with their GFLOP/s. Before them, per phase, two tables
+    of all the models side by side: each operator class's share of the self CPU time, and the
+    self CPU time per GFLOP (fvcore, one image: the detectors or backbones mode's count) as a
+    multiple of the reference's (Swin-T Mask R-CNN's where it is in --models, else the first
+    model's), split into what each class adds.
     """
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
     default_height, default_width = DEFAULT_SIZE[args.target]
     args.height, args.width = args.height or default_height, args.width or default_width
     device = args.device.startswith("cuda")
-    tables, results, by_phase = [], {}, {}
+    tables, results, by_phase, gflops = [], {}, {}, {}
     for name in args.models:
-        model, calls, depth = phases(name, args)
+        model, calls, depth, gflops[name] = phases(name, args)
         scopes = ModuleScopes(model, depth)
         for phase, call in calls.items():
             for _ in range(args.warmup):
@@ -422,6 +453,7 @@ def profile(args: argparse.Namespace) -> Report:
             ))  # fmt: skip
             by_phase.setdefault(phase, {})[name] = p
             results.setdefault(name, {})[phase] = {
+                "gflops": gflops[name],
                 "self_cpu_ms": p.cpu_us / 1e3,
                 "groups_ms": {g: t.cpu_us / 1e3 for g, t in p.groups.items()},
                 "classes": {
@@ -431,7 +463,11 @@ def profile(args: argparse.Namespace) -> Report:
             }
         scopes.remove()
         del model, calls, scopes
-    summaries = [class_summary_table(phase, profiles) for phase, profiles in by_phase.items()]
+    summaries = [
+        table
+        for phase, profiles in by_phase.items()
+        for table in (class_summary_table(phase, profiles), cost_table(phase, profiles, gflops))
+    ]
     return Report(
         settings=f"{args.device}, {args.threads} threads, {args.target} at {args.height}x"
         f"{args.width}, {args.warmup} warm-up + {args.rounds} profiled call(s) per phase",

@@ -34,10 +34,6 @@ MOVEMENT_OPERATORS = {
 }  # fmt: skip
 
 
-def _numel(shape: Sequence[int]) -> int:
-    return math.prod(shape)
-
-
 def convolution_class(name: str, shapes: Sequence, concrete: Sequence) -> str:
     """Dense, depth-wise (one input channel per group, groups > 1) or grouped, from the
     input's channels and the weight's shape; ``aten::convolution``'s and its backward's
@@ -63,7 +59,7 @@ def operator_class(name: str, shapes: Sequence, concrete: Sequence) -> Optional[
     its caller's (a wrapper's child) or, called from module code, element-wise."""
     if name in GEMM_OPERATORS:
         return GEMM
-    if name.startswith("aten::_scaled_dot_product_") or name == "aten::scaled_dot_product_attention":
+    if name.startswith(("aten::_scaled_dot_product_", "aten::scaled_dot_product_attention")):
         return ATTENTION
     if name.startswith(("aten::conv", "aten::_convolution_mode")) and len(shapes) > 1:
         if len(shapes[0]) >= 3 and len(shapes[1]) >= 3:
@@ -80,8 +76,8 @@ def _convolution_flops(image: Sequence[int], weight: Sequence[int], out_spatial:
     """2 FLOPs per multiply-add of one convolution: every output element sums (C / groups) x
     kernel products (transposed: every input element scatters into (out / groups) x kernel)."""
     if transposed:
-        return 2 * image[0] * _numel(image[1:]) * _numel(weight[1:])
-    return 2 * image[0] * weight[0] * _numel(out_spatial) * _numel(weight[1:])
+        return 2 * image[0] * math.prod(image[1:]) * math.prod(weight[1:])
+    return 2 * image[0] * weight[0] * math.prod(out_spatial) * math.prod(weight[1:])
 
 
 def operator_flops(name: str, shapes: Sequence, concrete: Sequence) -> int:
@@ -103,7 +99,7 @@ def operator_flops(name: str, shapes: Sequence, concrete: Sequence) -> int:
             return 2 * b * m * k * n
         if name == "aten::convolution":
             image, weight = shapes[0], shapes[1]
-            stride, padding, dilation, transposed = concrete[3], concrete[4], concrete[5], concrete[6]
+            stride, padding, dilation, transposed = concrete[3:7]
             out = [
                 (size + 2 * pad - dil * (k - 1) - 1) // s + 1
                 for size, k, s, pad, dil in zip(image[2:], weight[2:], stride, padding, dilation)
@@ -120,7 +116,7 @@ def operator_flops(name: str, shapes: Sequence, concrete: Sequence) -> int:
             backward = name.endswith("_backward")
             query, key, value = shapes[1:4] if backward else shapes[0:3]
             # Q K^T and P V; the backward: the four products of their gradients
-            once = 2 * _numel(query[:-1]) * key[-2] * (query[-1] + value[-1])
+            once = 2 * math.prod(query[:-1]) * key[-2] * (query[-1] + value[-1])
             return 2 * once if backward else once
     except (IndexError, TypeError, ValueError):  # a call with shapes not recorded
         return 0

@@ -323,7 +323,8 @@ def class_summary_table(phase: str, profiles: Dict[str, Profile]) -> Table:
                 computed.flops += t.flops
                 cell += f" · {rate(t.flops, t.cpu_us)}" if t.cpu_us else ""
             cells.append(cell)
-        cells.append(f"{share(computed.cpu_us, p.cpu_us)} · {rate(computed.flops, computed.cpu_us)}")
+        overall = rate(computed.flops, computed.cpu_us)
+        cells.append(f"{share(computed.cpu_us, p.cpu_us)} · {overall}")
         table.rows.append(cells)
     return table
 

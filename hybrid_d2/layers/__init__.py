@@ -2,6 +2,7 @@
 
 from .backbone import FEATURE_NAMES, PyramidBackbone
 from .bf16 import SmallMapSafeConv2d
+from .biased_attention import biased_attention
 from .classifier import (
     ClassifierMixin,
     channel_norm,
@@ -38,6 +39,7 @@ __all__ = [
     "Mlp",
     "PyramidBackbone",
     "SmallMapSafeConv2d",
+    "biased_attention",
     "DepthwiseConv2d",
     "depthwise_conv2d",
     "Stage",

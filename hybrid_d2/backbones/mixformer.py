@@ -44,7 +44,6 @@ from ..layers import (
     Mlp,
     SmallMapSafeConv2d,
     Stage,
-    biased_attention,
     get_norm,
     pad_to_multiple,
     relative_position_index,
@@ -180,7 +179,7 @@ class MixingAttention(nn.Module):
         # (1, heads, L, L): PyTorch's fused CPU kernel takes a 4-D mask only (a 3-D one runs the
         # unfused math path, 1.6-1.9x slower in inference in stages 1-2; docs/benchmarks.md)
         bias = self.relative_position_bias().to(q.dtype).unsqueeze(0)
-        out = biased_attention(q, k, v, bias)  # scale = head_dim**-0.5
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # scale = head_dim**-0.5
         out = out.transpose(1, 2).reshape(num_windows, tokens, -1)
         return window_reverse(out, self.window_size, padded_size, size)
 

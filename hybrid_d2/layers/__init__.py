@@ -2,7 +2,6 @@
 
 from .backbone import FEATURE_NAMES, PyramidBackbone
 from .bf16 import SmallMapSafeConv2d
-from .biased_attention import biased_attention
 from .classifier import (
     ClassifierMixin,
     channel_norm,
@@ -39,7 +38,6 @@ __all__ = [
     "Mlp",
     "PyramidBackbone",
     "SmallMapSafeConv2d",
-    "biased_attention",
     "DepthwiseConv2d",
     "depthwise_conv2d",
     "Stage",

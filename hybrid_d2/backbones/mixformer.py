@@ -165,10 +165,12 @@ class MixingAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def relative_position_bias(self) -> torch.Tensor:
-        """(num_heads, ws*ws, ws*ws) additive attention bias."""
+        """(1, num_heads, ws*ws, ws*ws) additive attention bias: PyTorch's fused CPU attention
+        kernel takes a 4-D mask only (a 3-D one runs the unfused math path, 1.6-1.9x slower in
+        inference in stages 1-2; docs/benchmarks.md)."""
         tokens = self.window_size**2
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
-        return bias.view(tokens, tokens, -1).permute(2, 0, 1)
+        return bias.view(1, tokens, tokens, -1).permute(0, 3, 1, 2)
 
     def window_attention(self, qkv: torch.Tensor) -> torch.Tensor:
         """Self-attention in each window of a (B, Hp, Wp, 3*C') q|k|v map -> (B, Hp, Wp, C')."""
@@ -176,9 +178,7 @@ class MixingAttention(nn.Module):
         windows, padded_size = window_partition(qkv, self.window_size)
         num_windows, tokens = windows.shape[:2]
         q, k, v = windows.view(num_windows, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        # (1, heads, L, L): PyTorch's fused CPU kernel takes a 4-D mask only (a 3-D one runs the
-        # unfused math path, 1.6-1.9x slower in inference in stages 1-2; docs/benchmarks.md)
-        bias = self.relative_position_bias().to(q.dtype).unsqueeze(0)
+        bias = self.relative_position_bias().to(q.dtype)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # scale = head_dim**-0.5
         out = out.transpose(1, 2).reshape(num_windows, tokens, -1)
         return window_reverse(out, self.window_size, padded_size, size)

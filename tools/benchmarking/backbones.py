@@ -122,29 +122,22 @@ def _conv_operators(mlp: "dmformer.Mlp", x: torch.Tensor) -> torch.Tensor:
 
 
 def with_3d_bias(build: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
-    """``build`` whose MixFormer window attention passes its relative position bias to SDPA as
-    a (heads, L, L) mask, which runs PyTorch's unfused math path in inference too (as before
+    """``build`` whose MixFormer window attention gets its relative position bias as a
+    (heads, L, L) mask, which runs PyTorch's unfused math path in inference too (as before
     issue 25), same weights."""
 
     def build_3d_bias() -> nn.Module:
         backbone = build()
         for module in backbone.modules():
             if isinstance(module, mixformer.MixingAttention):
-                module.window_attention = partial(_window_attention_3d_bias, module)
+                module.relative_position_bias = partial(_bias_3d, module)
         return backbone
 
     return build_3d_bias
 
 
-def _window_attention_3d_bias(attn: "mixformer.MixingAttention", qkv: torch.Tensor) -> torch.Tensor:
-    windows, padded_size = mixformer.window_partition(qkv, attn.window_size)
-    count, tokens = windows.shape[:2]
-    q, k, v = windows.view(count, tokens, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
-    bias = attn.relative_position_bias().to(q.dtype)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2)
-    return mixformer.window_reverse(
-        out.reshape(count, tokens, -1), attn.window_size, padded_size, qkv.shape[1:3]
-    )
+def _bias_3d(attn: "mixformer.MixingAttention") -> torch.Tensor:
+    return mixformer.MixingAttention.relative_position_bias(attn)[0]
 
 
 def shipped(name: str, reference: str = SWIN) -> Backbone:

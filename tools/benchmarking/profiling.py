@@ -163,6 +163,15 @@ class Profile:
         """All self CPU time."""
         return sum(t.cpu_us for t in self.groups.values())
 
+    def class_totals(self, kinds: Sequence[str]) -> Totals:
+        """Self CPU time and FLOPs of the operator classes ``kinds`` together."""
+        total = Totals()
+        for kind in kinds:
+            if kind in self.classes:
+                total.cpu_us += self.classes[kind].cpu_us
+                total.flops += self.classes[kind].flops
+        return total
+
 
 def event_class(event: object) -> str:
     """The operator class of a profiled event: an ATen operator's own
@@ -279,9 +288,9 @@ def class_table(title: str, profile: Profile) -> Table:
         ["operator class", "self CPU ms", "share", "op calls", "GFLOP", "GFLOP/s"], title=title
     )
     for name in classes.CLASSES:
-        t = profile.classes.get(name)
-        if t is None:
+        if name not in profile.classes:
             continue
+        t = profile.classes[name]
         table.rows.append([
             name, ms(t.cpu_us), share(t.cpu_us, profile.cpu_us), str(t.calls),
             f"{t.flops / 1e9:.1f}" if t.flops else "-", rate(t.flops, t.cpu_us),
@@ -314,15 +323,13 @@ def class_summary_table(phase: str, profiles: Dict[str, Profile]) -> Table:
     )
     for name, p in profiles.items():
         cells = [name, ms(p.cpu_us)]
-        computed = Totals()
         for kind in classes.CLASSES:
-            t = p.classes.get(kind, Totals())
+            t = p.class_totals([kind])
             cell = share(t.cpu_us, p.cpu_us)
-            if kind in classes.COMPUTE_CLASSES:
-                computed.cpu_us += t.cpu_us
-                computed.flops += t.flops
-                cell += f" · {rate(t.flops, t.cpu_us)}" if t.cpu_us else ""
+            if kind in classes.COMPUTE_CLASSES and t.cpu_us:
+                cell += f" · {rate(t.flops, t.cpu_us)}"
             cells.append(cell)
+        computed = p.class_totals(classes.COMPUTE_CLASSES)
         overall = rate(computed.flops, computed.cpu_us)
         cells.append(f"{share(computed.cpu_us, p.cpu_us)} · {overall}")
         table.rows.append(cells)
@@ -341,13 +348,11 @@ def cost_table(phase: str, profiles: Dict[str, Profile], gflops: Dict[str, float
     )
     for name, p in profiles.items():
         unit = gflops[name] * reference_cost
-        spent = {kind: p.classes[kind].cpu_us if kind in p.classes else 0.0
-                 for kind in classes.CLASSES}  # fmt: skip
-        counted = sum(spent[kind] for kind in classes.COMPUTE_CLASSES)
+        counted = p.class_totals(classes.COMPUTE_CLASSES).cpu_us
         table.rows.append(
             [name, f"{gflops[name]:.2f}", f"{p.cpu_us / unit:.2f}", f"{counted / unit:.2f}",
              f"{(p.cpu_us - counted) / unit:.2f}"]
-            + [f"{spent[kind] / unit:.2f}" for kind in classes.CLASSES]
+            + [f"{p.class_totals([kind]).cpu_us / unit:.2f}" for kind in classes.CLASSES]
         )  # fmt: skip
     return table
 

@@ -3,6 +3,7 @@
 Importing it registers the backbone builders (BACKBONE_REGISTRY), the segmentation heads
 (SEM_SEG_HEADS_REGISTRY) and the shapes datasets.
 """
+
 from . import backbones, data, segmentation  # noqa: F401
 from .config import add_hybrid_config, get_config
 

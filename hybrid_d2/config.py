@@ -77,7 +77,13 @@ def _add_segmentation_config(cfg: CN) -> None:
     # UperNetHead's auxiliary FCN head (training only; Base-UperNet-160k.yaml enables it): NUM_CONVS
     # 3x3 convs of CHANNELS on IN_FEATURE, its loss weighted LOSS_WEIGHT (mmseg's upernet configs).
     head.AUX = CN(
-        {"ENABLED": False, "IN_FEATURE": "res4", "CHANNELS": 256, "NUM_CONVS": 1, "LOSS_WEIGHT": 0.4}
+        {
+            "ENABLED": False,
+            "IN_FEATURE": "res4",
+            "CHANNELS": 256,
+            "NUM_CONVS": 1,
+            "LOSS_WEIGHT": 0.4,
+        }
     )
     # Training resize (mmseg Resize(ratio_range)): the scale (MIN_SIZE_TRAIN[0], MAX_SIZE_TRAIN)
     # times a ratio drawn uniformly from this range, keeping the aspect ratio.
@@ -120,7 +126,9 @@ def merge_config_file(cfg: CN, config_file: str, opts: Sequence[str] = ()) -> No
     if not os.path.isfile(config_file):
         raise ConfigError(f"config file not found: {config_file}")
     try:
-        cfg.merge_from_file(config_file, allow_unsafe=False)  # no yaml.unsafe_load fallback
+        cfg.merge_from_file(
+            config_file, allow_unsafe=False
+        )  # no yaml.unsafe_load fallback
     except yaml.YAMLError as e:
         raise ConfigError(_yaml_error_message(config_file, e)) from None
     except KeyError as e:

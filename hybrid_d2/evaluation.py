@@ -1,8 +1,14 @@
 """Pick Detectron2's evaluator from a dataset's ``evaluator_type`` metadata."""
+
 import numpy as np
 from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog
-from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, LVISEvaluator, SemSegEvaluator
+from detectron2.evaluation import (
+    COCOEvaluator,
+    DatasetEvaluator,
+    LVISEvaluator,
+    SemSegEvaluator,
+)
 
 from .data.sem_seg import check_label_values, read_label
 
@@ -13,9 +19,14 @@ class CheckedSemSegEvaluator(SemSegEvaluator):
     a value that is neither a class id nor ignore_label is an error naming the file, where the
     confusion matrix would silently count it in a wrong cell or fail."""
 
-    def __init__(self, dataset_name: str, distributed: bool = True, output_dir: str = None):
+    def __init__(
+        self, dataset_name: str, distributed: bool = True, output_dir: str = None
+    ):
         super().__init__(
-            dataset_name, distributed, output_dir, sem_seg_loading_fn=self._read_checked_label
+            dataset_name,
+            distributed,
+            output_dir,
+            sem_seg_loading_fn=self._read_checked_label,
         )
 
     def _read_checked_label(self, path: str, dtype=int) -> np.ndarray:
@@ -24,7 +35,9 @@ class CheckedSemSegEvaluator(SemSegEvaluator):
         return label.astype(dtype)
 
 
-def build_evaluator(cfg: CfgNode, dataset_name: str, output_dir: str) -> DatasetEvaluator:
+def build_evaluator(
+    cfg: CfgNode, dataset_name: str, output_dir: str
+) -> DatasetEvaluator:
     """COCO (boxes, masks, keypoints; tasks follow the predictions), LVIS or semantic
     segmentation (:class:`CheckedSemSegEvaluator`) evaluator.
 
@@ -35,7 +48,9 @@ def build_evaluator(cfg: CfgNode, dataset_name: str, output_dir: str) -> Dataset
     evaluator_type = metadata.get("evaluator_type")
     max_dets = cfg.TEST.DETECTIONS_PER_IMAGE
     if evaluator_type == "coco":
-        sigmas = tuple(cfg.TEST.KEYPOINT_OKS_SIGMAS) or tuple(metadata.get("keypoint_oks_sigmas", ()))
+        sigmas = tuple(cfg.TEST.KEYPOINT_OKS_SIGMAS) or tuple(
+            metadata.get("keypoint_oks_sigmas", ())
+        )
         return COCOEvaluator(
             dataset_name,
             output_dir=output_dir,
@@ -43,7 +58,9 @@ def build_evaluator(cfg: CfgNode, dataset_name: str, output_dir: str) -> Dataset
             kpt_oks_sigmas=sigmas,
         )
     if evaluator_type == "lvis":
-        return LVISEvaluator(dataset_name, output_dir=output_dir, max_dets_per_image=max_dets)
+        return LVISEvaluator(
+            dataset_name, output_dir=output_dir, max_dets_per_image=max_dets
+        )
     if evaluator_type == "sem_seg":
         return CheckedSemSegEvaluator(dataset_name, output_dir=output_dir)
     raise ValueError(

@@ -372,12 +372,13 @@ def test_profile_groups_forward_and_backward_by_module(tmp_path):
         "operator", "module group", "input shapes", "calls", "self CPU ms", "share",
         "self CPU memory MiB",
     ]  # fmt: skip
-    # the dilated 7x7 branches' backward: convolutions of the output gradient with the turned
-    # kernel (hybrid_d2.layers.depthwise), credited to the branch modules' backward
+    # the dilated 7x7 branches' backward (hybrid_d2.layers.depthwise: the output gradient
+    # convolved with the turned kernel, and the kernel gradient), credited to the branch modules'
+    # backward
     depthwise_backward = [
         row for row in operators[1:]
-        if row[0] == "`aten::mkldnn_convolution`" and ", 1, 7, 7]" in row[2]
-        and row[1].endswith("backward")
+        if row[0] in ("`aten::mkldnn_convolution`", "`aten::convolution_backward`")
+        and ", 1, 7, 7]" in row[2] and row[1].endswith("backward")
     ]  # fmt: skip
     assert depthwise_backward and {row[1] for row in depthwise_backward} == {
         "DepthwiseConv2d backward"

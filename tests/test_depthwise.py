@@ -1,5 +1,6 @@
 """hybrid_d2.layers.DepthwiseConv2d computes nn.Conv2d's depth-wise convolution and its gradients
-(space-to-batch for dilations, a backward made of forward convolutions), on any map size."""
+(space-to-batch for dilations, a backward made of forward convolutions), on any map size.
+"""
 
 import pytest
 import torch
@@ -54,9 +55,13 @@ def test_output_and_gradients_are_those_of_nn_conv2d(
     out.backward(grad)
     expected.backward(grad)
     torch.testing.assert_close(x_ours.grad, x_ref.grad, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(module.weight.grad, reference.weight.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        module.weight.grad, reference.weight.grad, rtol=1e-12, atol=1e-12
+    )
     if bias:
-        torch.testing.assert_close(module.bias.grad, reference.bias.grad, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(
+            module.bias.grad, reference.bias.grad, rtol=1e-12, atol=1e-12
+        )
 
 
 def test_float32_agrees_to_round_off_on_a_detection_sized_map():
@@ -71,7 +76,9 @@ def test_float32_agrees_to_round_off_on_a_detection_sized_map():
         expected.square().sum(), (x, reference.weight, reference.bias)
     )
     for got, want in zip(grads, expected_grads):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+        torch.testing.assert_close(
+            got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item()
+        )
 
 
 def test_the_module_is_an_nn_conv2d_with_its_state_dict():
@@ -91,8 +98,10 @@ def test_the_fast_path_is_taken_where_it_pays_and_nowhere_else():
     assert not uses_fast_path(x, weight[3], (1, 1), (1, 1), (1, 1))
     assert not uses_fast_path(x, weight[5], (2, 2), (1, 1), (2, 2))
     assert not uses_fast_path(x, weight[5], (0, 0), (1, 1), (1, 1))
-    # a 1x1 sub-grid would make the kernel gradient a grouped 1x1 conv, run group by group
-    assert not uses_fast_path(torch.randn(1, 4, 3, 2), weight[3], (3, 3), (3, 3), (1, 1))
+    # on one-pixel sub-grids the layout copies cost more than oneDNN's own dilated kernel
+    assert not uses_fast_path(
+        torch.randn(1, 4, 3, 2), weight[3], (3, 3), (3, 3), (1, 1)
+    )
     assert uses_fast_path(torch.randn(1, 4, 4, 2), weight[3], (3, 3), (3, 3), (1, 1))
 
 
@@ -120,6 +129,27 @@ def test_training_keeps_the_input_and_kernel_only_as_nn_conv2d_does():
     module = DepthwiseConv2d(8, 7, dilation=3)
     x = torch.randn(2, 8, 20, 22, requires_grad=True)
     saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(
+        lambda t: saved.append(t) or t, lambda t: t
+    ):
         module(x)
-    assert sorted(t.data_ptr() for t in saved) == sorted([x.data_ptr(), module.weight.data_ptr()])
+    assert sorted(t.data_ptr() for t in saved) == sorted(
+        [x.data_ptr(), module.weight.data_ptr()]
+    )
+
+
+@pytest.mark.parametrize(
+    "memory_format", [torch.contiguous_format, torch.channels_last]
+)
+def test_the_output_and_input_gradient_keep_the_input_layout(memory_format):
+    """A channels-last network (DMFormer on CPU) stays channels-last through the branches."""
+    module = DepthwiseConv2d(8, 7, dilation=3)
+    x = (
+        torch.randn(2, 8, 12, 15)
+        .contiguous(memory_format=memory_format)
+        .requires_grad_()
+    )
+    out = module(x)
+    out.backward(torch.randn_like(out))
+    assert out.is_contiguous(memory_format=memory_format)
+    assert x.grad.is_contiguous(memory_format=memory_format)

@@ -121,7 +121,9 @@ def stage3_pattern(variant: str, mode: str) -> Tuple[str, ...]:
         return (_W,) * depth
     if mode == "mixed":
         return config["stage3_mixed"]
-    raise ValueError(f"unknown stage-3 attention mode {mode!r}; expected one of {STAGE3_MODES}")
+    raise ValueError(
+        f"unknown stage-3 attention mode {mode!r}; expected one of {STAGE3_MODES}"
+    )
 
 
 class PatchEmbed(nn.Module):
@@ -197,17 +199,25 @@ class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, kind: str, window_size: int):
         super().__init__()
         if kind not in (_G, _W, _SW):
-            raise ValueError(f"unknown attention kind {kind!r}; expected {_G!r}, {_W!r} or {_SW!r}")
+            raise ValueError(
+                f"unknown attention kind {kind!r}; expected {_G!r}, {_W!r} or {_SW!r}"
+            )
         self.num_heads = num_heads
         self.kind = kind
         self.window_size = window_size
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def _heads(self, tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _heads(
+        self, tokens: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(N, L, 3C) -> q, k, v of shape (N, heads, L, head_dim)."""
         n, length, _ = tokens.shape
-        return tokens.view(n, length, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        return (
+            tokens.view(n, length, 3, self.num_heads, -1)
+            .permute(2, 0, 3, 1, 4)
+            .unbind(0)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, height, width, dim = x.shape
@@ -250,7 +260,9 @@ class DilateBlock(nn.Module):
         drop_path: float,
     ):
         super().__init__()
-        self.pos_embed = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)  # CPE = DwConv, Eq. (6)
+        self.pos_embed = nn.Conv2d(
+            dim, dim, 3, padding=1, groups=dim
+        )  # CPE = DwConv, Eq. (6)
         self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
         if attention == "dilated":
             self.attn = MultiDilateAttention(dim, num_heads)
@@ -261,7 +273,9 @@ class DilateBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + to_channels_last(self.pos_embed(to_channels_first(x)))  # Eq. (6), no drop path
+        x = x + to_channels_last(
+            self.pos_embed(to_channels_first(x))
+        )  # Eq. (6), no drop path
         x = x + self.drop_path(self.attn(self.norm1(x)))  # Eq. (7)
         return x + self.drop_path(self.mlp(self.norm2(x)))  # Eq. (8)
 
@@ -294,7 +308,9 @@ class DilateFormer(nn.Module):
         """
         super().__init__()
         if len(depths) != 4 or len(num_heads) != 4:
-            raise ValueError(f"depths {depths} and num_heads {num_heads}: expected 4 stages")
+            raise ValueError(
+                f"depths {depths} and num_heads {num_heads}: expected 4 stages"
+            )
         if stage3_attention is None:
             stage3_attention = (_G,) * depths[2]
         if len(stage3_attention) != depths[2]:
@@ -310,7 +326,9 @@ class DilateFormer(nn.Module):
         self.channels = [embed_dim * 2**i for i in range(4)]
         self.patch_embed = PatchEmbed(embed_dim, norm)
         # stochastic depth rises linearly over all blocks, as the official code
-        drop_paths = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
+        drop_paths = torch.linspace(
+            0, drop_path_rate, sum(depths), device="cpu"
+        ).tolist()
         self.stages = nn.ModuleList()
         for i, (dim, depth, heads) in enumerate(zip(self.channels, depths, num_heads)):
             first = sum(depths[:i])
@@ -346,7 +364,9 @@ def _network_options(variant: str, options: Dict[str, Any]) -> Dict[str, Any]:
     """The stage-3 mode as the variant's per-block pattern; the window side checked."""
     pattern = stage3_pattern(variant, options["stage3_attention"])
     if options["window_size"] < 1:
-        raise ValueError(f"window_size={options['window_size']}: expected a positive window side")
+        raise ValueError(
+            f"window_size={options['window_size']}: expected a positive window side"
+        )
     return dict(options, stage3_attention=pattern)
 
 

@@ -104,13 +104,27 @@ VARIANTS = {
     ),
 }
 
-BLOCK_STRIDES = (2, 1, 2, 1, 2, 1, 1, 1, 2, 1, 1)  # Table 1: downsampling before stages 2-5
+BLOCK_STRIDES = (
+    2,
+    1,
+    2,
+    1,
+    2,
+    1,
+    1,
+    1,
+    2,
+    1,
+    1,
+)  # Table 1: downsampling before stages 2-5
 OUTPUT_BLOCKS = (1, 3, 7, 10)  # last block of stages 2-5: res2 ... res5
 NUM_TOKENS, TOKEN_DIM = 6, 192  # §3.6: "six global tokens with a dimension of 192"
 FORMER_HEADS = 6  # official code: 192 // 32 (Table 1 prints "(8)")
 FORMER_MLP_RATIO = 2  # §3.4: "An expansion ratio of 2 is utilized for FFN"
 NUM_KERNELS = 8  # Table 1: "All dynamic residual convolutions ... use 8 static kernels"
-DYNAMIC_SCALE = 0.1  # official code: W = W_agnostic + 0.1 * sum_k pi_k W_k (not in the paper)
+DYNAMIC_SCALE = (
+    0.1  # official code: W = W_agnostic + 0.1 * sum_k pi_k W_k (not in the paper)
+)
 # Drop path rises linearly over 13 slots as in the official code (11 blocks + the classifier's
 # end_mobile2former and end_former); block i uses slot i.
 DROP_PATH_SLOTS = 13
@@ -132,10 +146,14 @@ class KernelAttention(nn.Module):
     """Kernel attention of a DYR conv (Fig. 3): concat(token 0, GAP(x)) -> 1x1 conv -> norm ->
     ReLU -> 1x1 conv -> sigmoid(logits / temperature), one score per kernel."""
 
-    def __init__(self, in_channels: int, num_kernels: int, pooled_norm: str, temperature: float):
+    def __init__(
+        self, in_channels: int, num_kernels: int, pooled_norm: str, temperature: float
+    ):
         super().__init__()
         if temperature <= 0:
-            raise ValueError(f"kernel temperature {temperature}: expected a positive number")
+            raise ValueError(
+                f"kernel temperature {temperature}: expected a positive number"
+            )
         self.pooled_norm = pooled_norm
         self.temperature = temperature
         self.net1 = nn.Conv2d(TOKEN_DIM + in_channels, TOKEN_DIM, 1, bias=False)
@@ -182,14 +200,20 @@ class DynamicResidualConv2d(nn.Module):
     ):
         super().__init__()
         if in_channels % groups or out_channels % groups:
-            raise ValueError(f"channels {in_channels} -> {out_channels} not divisible by {groups}")
+            raise ValueError(
+                f"channels {in_channels} -> {out_channels} not divisible by {groups}"
+            )
         self.groups = groups
         self.padding = kernel_size // 2
         shape = (out_channels, in_channels // groups, kernel_size, kernel_size)
         self.static_weight = nn.Parameter(torch.empty(shape))
         self.weight = nn.Parameter(torch.zeros((num_kernels,) + shape))
-        self.Kernel_Attention = KernelAttention(in_channels, num_kernels, pooled_norm, temperature)
-        nn.init.kaiming_uniform_(self.static_weight)  # official init; dynamic kernels stay zero
+        self.Kernel_Attention = KernelAttention(
+            in_channels, num_kernels, pooled_norm, temperature
+        )
+        nn.init.kaiming_uniform_(
+            self.static_weight
+        )  # official init; dynamic kernels stay zero
 
     def kernels(self, scores: torch.Tensor) -> torch.Tensor:
         """(B, K) scores -> (B, C_out, C_in / groups, k, k) per-sample kernels (Eq. 1-2).
@@ -235,7 +259,9 @@ class GRN(nn.Module):
         wide = x.to(torch.promote_types(x.dtype, torch.float32))
         response = torch.linalg.vector_norm(wide, dim=(2, 3), keepdim=True)
         mean_dim = -1 if self.mode == "dmf_code" else 1
-        scale = (response / (response.mean(dim=mean_dim, keepdim=True) + 1e-6)).to(x.dtype)
+        scale = (response / (response.mean(dim=mean_dim, keepdim=True) + 1e-6)).to(
+            x.dtype
+        )
         return self.gamma * (x * scale) + self.beta + x
 
 
@@ -247,12 +273,19 @@ class Bottleneck(nn.Module):
     """
 
     def __init__(
-        self, in_channels: int, hidden: int, out_channels: int, norm: str, grn: Optional[str]
+        self,
+        in_channels: int,
+        hidden: int,
+        out_channels: int,
+        norm: str,
+        grn: Optional[str],
     ):
         super().__init__()
         self.pw_conv1 = nn.Conv2d(in_channels, hidden, 1, bias=False)
         self.bn1 = get_norm(norm, hidden)
-        self.dw_conv = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden, bias=False)
+        self.dw_conv = nn.Conv2d(
+            hidden, hidden, 3, padding=1, groups=hidden, bias=False
+        )
         if grn is None:
             self.bn2 = get_norm(norm, hidden)
         else:
@@ -297,9 +330,13 @@ class DynamicMobile(nn.Module):
         temperature: float,
     ):
         super().__init__()
-        if stride == 2:  # Table 1 "3x3 dwconv" downsampling, inside the stage's first block
+        if (
+            stride == 2
+        ):  # Table 1 "3x3 dwconv" downsampling, inside the stage's first block
             self.downsample = nn.Sequential(
-                nn.Conv2d(in_channels, in_channels, 3, 2, padding=1, groups=in_channels),
+                nn.Conv2d(
+                    in_channels, in_channels, 3, 2, padding=1, groups=in_channels
+                ),
                 get_norm(norm, in_channels),
                 nn.GELU(),
             )
@@ -308,7 +345,9 @@ class DynamicMobile(nn.Module):
         self.bn1 = get_norm(norm, hidden)
         self.dw_conv = DynamicResidualConv2d(hidden, hidden, 3, hidden, **dynamic)
         self.bn2 = get_norm(norm, hidden)
-        self.pw_conv2 = DynamicResidualConv2d(hidden, out_channels, 1, groups, **dynamic)
+        self.pw_conv2 = DynamicResidualConv2d(
+            hidden, out_channels, 1, groups, **dynamic
+        )
         self.bn3 = get_norm(norm, out_channels)
 
     def forward(self, x: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
@@ -321,7 +360,8 @@ class DynamicMobile(nn.Module):
 
 class Mobile2Former(nn.Module):
     """Cross-attention from the local map to the tokens (Eq. 3-5) without K/V projections:
-    q = W^Q LN(Z) in C_in channels split into H heads; K = V = X; Z' = LN(Z) + W^O(heads)."""
+    q = W^Q LN(Z) in C_in channels split into H heads; K = V = X; Z' = LN(Z) + W^O(heads).
+    """
 
     def __init__(self, channels: int, heads: int, drop_path: float):
         super().__init__()
@@ -338,10 +378,16 @@ class Mobile2Former(nn.Module):
         tokens = self.norm(tokens)
         q = self.q(tokens).view(batch, NUM_TOKENS, self.heads, -1).transpose(1, 2)
         # heads are contiguous channel groups of X; scale (C / H) ** -0.5
-        kv = x.flatten(2).view(batch, self.heads, channels // self.heads, -1).transpose(2, 3)
+        kv = (
+            x.flatten(2)
+            .view(batch, self.heads, channels // self.heads, -1)
+            .transpose(2, 3)
+        )
         out = F.scaled_dot_product_attention(q, kv.to(q.dtype), kv.to(q.dtype))
         out = out.transpose(1, 2).reshape(batch, NUM_TOKENS, channels)
-        return tokens + self.drop_path(self.fc(out))  # residual on the normalised tokens (code)
+        return tokens + self.drop_path(
+            self.fc(out)
+        )  # residual on the normalised tokens (code)
 
 
 class TokenAttention(nn.Module):
@@ -355,7 +401,11 @@ class TokenAttention(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         batch, length, dim = tokens.shape
-        qkv = self.qkv(tokens).view(batch, length, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        qkv = (
+            self.qkv(tokens)
+            .view(batch, length, 3, self.heads, -1)
+            .permute(2, 0, 3, 1, 4)
+        )
         out = F.scaled_dot_product_attention(*qkv.unbind(0))
         return self.proj(out.transpose(1, 2).reshape(batch, length, dim))
 
@@ -368,7 +418,9 @@ class Former(nn.Module):
         self.norm1 = nn.LayerNorm(TOKEN_DIM)
         self.token_attention = TokenAttention(TOKEN_DIM, FORMER_HEADS)
         self.norm2 = nn.LayerNorm(TOKEN_DIM)
-        self.mlp = Mlp(TOKEN_DIM, FORMER_MLP_RATIO * TOKEN_DIM, bias=False)  # official: no biases
+        self.mlp = Mlp(
+            TOKEN_DIM, FORMER_MLP_RATIO * TOKEN_DIM, bias=False
+        )  # official: no biases
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -398,15 +450,26 @@ class DMFBlock(nn.Module):
         self.mobile2former = Mobile2Former(in_channels, heads, drop_path)
         self.former = Former(drop_path)
         self.dynamic_mobile = DynamicMobile(
-            in_channels, hidden, out_channels, stride, groups, norm, pooled_norm, temperature
+            in_channels,
+            hidden,
+            out_channels,
+            stride,
+            groups,
+            norm,
+            pooled_norm,
+            temperature,
         )
         self.norm = nn.GroupNorm(1, out_channels)
         ffn_hidden = int(out_channels * ffn_ratio)
         self.ffn = Bottleneck(out_channels, ffn_hidden, out_channels, norm, grn=grn)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        tokens = self.former(self.mobile2former(x, tokens))  # on the pre-downsample input
+    def forward(
+        self, x: torch.Tensor, tokens: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        tokens = self.former(
+            self.mobile2former(x, tokens)
+        )  # on the pre-downsample input
         x = self.dynamic_mobile(x, tokens[:, 0])
         return x + self.drop_path(self.ffn(self.norm(x))), tokens
 
@@ -436,13 +499,19 @@ class DynamicMobileFormer(nn.Module):
     ):
         super().__init__()
         if not len(expansions) == len(channels) == len(heads) == len(BLOCK_STRIDES):
-            raise ValueError(f"expected {len(BLOCK_STRIDES)} blocks of expansions/channels/heads")
+            raise ValueError(
+                f"expected {len(BLOCK_STRIDES)} blocks of expansions/channels/heads"
+            )
         self.use_checkpoint = use_checkpoint
         self.channels = [channels[i] for i in OUTPUT_BLOCKS]
-        self.tokens = nn.Parameter(torch.randn(1, NUM_TOKENS, TOKEN_DIM))  # N(0, 1), official
+        self.tokens = nn.Parameter(
+            torch.randn(1, NUM_TOKENS, TOKEN_DIM)
+        )  # N(0, 1), official
         self.stem = Stem(stem, norm)
         self.lite_bottleneck = Bottleneck(stem, lite[0], lite[1], norm, grn=None)
-        drop_paths = torch.linspace(0, drop_path_rate, DROP_PATH_SLOTS, device="cpu").tolist()
+        drop_paths = torch.linspace(
+            0, drop_path_rate, DROP_PATH_SLOTS, device="cpu"
+        ).tolist()
         in_channels = [lite[1]] + list(channels[:-1])
         self.blocks = nn.ModuleList(
             DMFBlock(
@@ -478,7 +547,9 @@ class DynamicMobileFormer(nn.Module):
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
         return self.forward_with_tokens(x)[0]
 
-    def forward_with_tokens(self, x: torch.Tensor) -> Tuple[List[torch.Tensor], torch.Tensor]:
+    def forward_with_tokens(
+        self, x: torch.Tensor
+    ) -> Tuple[List[torch.Tensor], torch.Tensor]:
         """The four outputs and the (B, 6, 192) tokens after the last block."""
         x = self.lite_bottleneck(self.stem(x))
         tokens = self.tokens.expand(x.shape[0], -1, -1)
@@ -506,7 +577,9 @@ def _frozen_modules(backbone: nn.Module, freeze_at: int) -> List[nn.Module]:
     stage modules (11 blocks in one list), so freezing works on blocks."""
     frozen_blocks, net = backbone.options["frozen_blocks"], backbone.net
     if not 0 <= frozen_blocks <= len(BLOCK_STRIDES):
-        raise ValueError(f"frozen_blocks={frozen_blocks}: expected 0 ... {len(BLOCK_STRIDES)}")
+        raise ValueError(
+            f"frozen_blocks={frozen_blocks}: expected 0 ... {len(BLOCK_STRIDES)}"
+        )
     num_blocks = frozen_blocks
     if freeze_at >= 2:
         num_blocks = max(num_blocks, OUTPUT_BLOCKS[freeze_at - 2] + 1)
@@ -542,8 +615,12 @@ class DMFClassifier(ClassifierMixin, DynamicMobileFormer):
         width, hidden = CLASSIFIER_WIDTHS[variant]
         channels = config["channels"][-1]
         # drop path slots 11 and 12 (module docstring, DROP_PATH_SLOTS)
-        end_rates = torch.linspace(0, drop_path_rate, DROP_PATH_SLOTS, device="cpu")[-2:].tolist()
-        self.end_mobile2former = Mobile2Former(channels, config["heads"][-1], end_rates[0])
+        end_rates = torch.linspace(0, drop_path_rate, DROP_PATH_SLOTS, device="cpu")[
+            -2:
+        ].tolist()
+        self.end_mobile2former = Mobile2Former(
+            channels, config["heads"][-1], end_rates[0]
+        )
         self.end_former = Former(end_rates[1])
         self.channel_conv = DynamicResidualConv2d(
             channels,
@@ -557,7 +634,9 @@ class DMFClassifier(ClassifierMixin, DynamicMobileFormer):
         tail = (self.end_mobile2former, self.end_former, self.channel_conv, self.bn)
         for module in tail:
             module.apply(self._init_weights)
-        nn.init.kaiming_uniform_(self.channel_conv.static_weight)  # as DynamicResidualConv2d
+        nn.init.kaiming_uniform_(
+            self.channel_conv.static_weight
+        )  # as DynamicResidualConv2d
         self.hidden = hidden
         return width + TOKEN_DIM
 
@@ -568,11 +647,15 @@ class DMFClassifier(ClassifierMixin, DynamicMobileFormer):
     def _new_classifier(self, num_classes: int) -> nn.Module:
         head = nn.Module()
         head.fc1 = nn.Linear(self.num_features, self.hidden)
-        head.fc2 = nn.Linear(self.hidden, num_classes) if num_classes > 0 else nn.Identity()
+        head.fc2 = (
+            nn.Linear(self.hidden, num_classes) if num_classes > 0 else nn.Identity()
+        )
         head.apply(self._init_weights)
         return head
 
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+    def reset_classifier(
+        self, num_classes: int, global_pool: Optional[str] = None
+    ) -> None:
         """A fresh ``head.fc2`` for ``num_classes`` (0: the fc1 features); fc1 is kept.
         ``global_pool`` as ClassifierMixin's."""
         self._set_global_pool(num_classes, global_pool)

@@ -74,7 +74,11 @@ DIMS = (64, 128, 320, 512)  # Table 2: C1 ... C4, both variants
 MLP_RATIOS = (8, 8, 4, 4)  # Table 2: ER
 DMA_RATIO = 4  # Table 2: r
 KERNELS = (3, 5, 7)  # §2.1: "3x3, 5x5, 7x7 depth-wise convolution"
-DILATIONS = (1, 2, 3)  # §2.1: "for branches with kernel size 5x5 and 7x7 ... dilated rates 2, 3"
+DILATIONS = (
+    1,
+    2,
+    3,
+)  # §2.1: "for branches with kernel size 5x5 and 7x7 ... dilated rates 2, 3"
 BRANCH_MODES = ("auto", "separate", "fused")
 
 
@@ -84,7 +88,11 @@ def uses_fused_branches(mode: str, x: torch.Tensor) -> bool:
     (docs/dmformer.md). Training and FLOP counting see the three convs of the paper, each a
     ``DepthwiseConv2d`` (hybrid_d2.layers.depthwise)."""
     if mode == "auto":
-        return x.device.type == "cpu" and not torch.is_grad_enabled() and not torch.jit.is_tracing()
+        return (
+            x.device.type == "cpu"
+            and not torch.is_grad_enabled()
+            and not torch.jit.is_tracing()
+        )
     return mode == "fused"
 
 
@@ -94,7 +102,8 @@ IMAGENET_DROP_PATH = {"s": 0.1, "l": 0.2}
 
 class Pointwise(nn.Conv2d):
     """1x1 conv. On a channels-last map it runs as one GEMM over the (B, H, W, C) view, without a
-    layout copy; PyTorch's conv dispatch sends 1x1 convs to its slower im2col path on one thread."""
+    layout copy; PyTorch's conv dispatch sends 1x1 convs to its slower im2col path on one thread.
+    """
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__(in_channels, out_channels, 1)
@@ -156,10 +165,14 @@ class DilatedBranches(nn.Module):
     the summed biases. Both compute the same function of the same parameters.
     """
 
-    def __init__(self, channels: int, kernels: Sequence[int], dilations: Sequence[int], mode: str):
+    def __init__(
+        self, channels: int, kernels: Sequence[int], dilations: Sequence[int], mode: str
+    ):
         super().__init__()
         if mode not in BRANCH_MODES:
-            raise ValueError(f"unknown branch mode {mode!r}; expected one of {BRANCH_MODES}")
+            raise ValueError(
+                f"unknown branch mode {mode!r}; expected one of {BRANCH_MODES}"
+            )
         if len(kernels) != len(dilations) or any(k % 2 == 0 for k in kernels):
             raise ValueError(
                 f"kernels {tuple(kernels)} and dilations {tuple(dilations)}: expected odd kernels, "
@@ -173,7 +186,9 @@ class DilatedBranches(nn.Module):
 
     def fused_kernel(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """The (C, 1, S, S) kernel and (C,) bias of the single equivalent depth-wise conv."""
-        span = max(conv.dilation[0] * (conv.kernel_size[0] - 1) + 1 for conv in self.branches)
+        span = max(
+            conv.dilation[0] * (conv.kernel_size[0] - 1) + 1 for conv in self.branches
+        )
         first = self.branches[0].weight
         weight = first.new_zeros(first.shape[0], 1, span, span)
         for conv in self.branches:
@@ -185,7 +200,9 @@ class DilatedBranches(nn.Module):
         return weight, bias
 
     def forward(
-        self, x: torch.Tensor, affine: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+        self,
+        x: torch.Tensor,
+        affine: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     ) -> torch.Tensor:
         """X1 + X2 + X3; in fused mode ``affine`` = (scale, shift) per channel may be folded into
         the kernel, giving scale * (X1 + X2 + X3) + shift in the same pass."""
@@ -194,7 +211,9 @@ class DilatedBranches(nn.Module):
             if affine is not None:
                 scale, shift = affine
                 weight, bias = weight * scale[:, None, None, None], bias * scale + shift
-            return F.conv2d(x, weight, bias, padding=weight.shape[-1] // 2, groups=x.shape[1])
+            return F.conv2d(
+                x, weight, bias, padding=weight.shape[-1] // 2, groups=x.shape[1]
+            )
         if affine is not None:
             raise ValueError("an affine map folds into the fused branches only")
         out = self.branches[0](x)
@@ -230,7 +249,9 @@ class DynamicMultilevelAttention(nn.Module):
         self.proj = Pointwise(dim, dim)  # Eq. (3): a second 1x1 conv, on X'
         # Eq. (2): two FCs of width C (a reduction would miss the paper's parameter counts)
         self.gate = (
-            nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim), nn.Sigmoid())
+            nn.Sequential(
+                nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim), nn.Sigmoid()
+            )
             if gate
             else None
         )
@@ -244,7 +265,11 @@ class DynamicMultilevelAttention(nn.Module):
         the BN uses running statistics, the BN is folded into the fused kernel: one pass over
         the rC-channel map instead of two."""
         expanded = self.expand(x)
-        affine = inference_affine(self.norm) if uses_fused_branches(self.branches.mode, x) else None
+        affine = (
+            inference_affine(self.norm)
+            if uses_fused_branches(self.branches.mode, x)
+            else None
+        )
         if affine is not None:
             return F.relu_(self.branches(expanded, affine))
         return F.relu(self.norm(self.branches(expanded)))
@@ -263,7 +288,9 @@ class Mlp(nn.Module):
         hidden = dim * ratio
         self.fc1 = Pointwise(dim, hidden)
         self.dwconv = (
-            nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden) if dwconv else nn.Identity()
+            nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
+            if dwconv
+            else nn.Identity()
         )
         self.fc2 = Pointwise(hidden, dim)
 
@@ -275,7 +302,13 @@ class DMFormerBlock(nn.Module):
     """Eq. (5)-(6): Y = X + DMA(BN(X)), Z = Y + MLP(BN(Y)), drop path on both residual branches."""
 
     def __init__(
-        self, dim: int, mlp_ratio: int, mlp_dwconv: bool, drop_path: float, norm: str, **dma_args
+        self,
+        dim: int,
+        mlp_ratio: int,
+        mlp_dwconv: bool,
+        drop_path: float,
+        norm: str,
+        **dma_args,
     ):
         """``dma_args``: the DynamicMultilevelAttention arguments other than dim and norm."""
         super().__init__()
@@ -332,7 +365,9 @@ class DMFormer(nn.Module):
         self.branches = branches
         self.stem = ConvStem(dims[0], norm)
         # stochastic depth rises linearly over all blocks (timm / VAN rule)
-        drop_paths = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
+        drop_paths = torch.linspace(
+            0, drop_path_rate, sum(depths), device="cpu"
+        ).tolist()
         dma_args = dict(
             ratio=dma_ratio,
             kernels=kernels,
@@ -358,13 +393,16 @@ class DMFormer(nn.Module):
             trunc_normal_(module.weight, std=0.02)
             nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Conv2d):
-            fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels
+            fan_out = (
+                module.kernel_size[0] * module.kernel_size[1] * module.out_channels
+            )
             nn.init.normal_(module.weight, 0.0, (2.0 * module.groups / fan_out) ** 0.5)
             nn.init.zeros_(module.bias)
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
-        if x.device.type == "cpu" and uses_fused_branches(self.branches, x):
-            # oneDNN's depth-wise kernel is fast on channels-last maps only (docs/dmformer.md)
+        if x.device.type == "cpu":
+            # oneDNN's depth-wise kernels are fast on channels-last maps, where the 1x1 convs run
+            # as GEMMs (Pointwise): -17% per CPU training step (docs/dmformer.md)
             x = x.contiguous(memory_format=torch.channels_last)
         x = self.stem(x)
         outputs = []

@@ -139,12 +139,15 @@ def pixel_shuffle_channels_last(x: torch.Tensor, factor: int) -> torch.Tensor:
     """``F.pixel_shuffle`` on a channels-last (B, H, W, C r^2) map -> (B, H r, W r, C)."""
     batch, height, width, channels = x.shape
     x = x.view(batch, height, width, channels // factor**2, factor, factor)
-    return x.permute(0, 1, 4, 2, 5, 3).reshape(batch, height * factor, width * factor, -1)
+    return x.permute(0, 1, 4, 2, 5, 3).reshape(
+        batch, height * factor, width * factor, -1
+    )
 
 
 def partition_importance(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Eq. 9's normalised importances: softmax of (..., K) scores over the partitions with
-    counts > 0; empty partitions get exactly 0. At least one partition must be non-empty."""
+    counts > 0; empty partitions get exactly 0. At least one partition must be non-empty.
+    """
     return scores.masked_fill(counts == 0, float("-inf")).softmax(-1)
 
 
@@ -163,9 +166,13 @@ class MultiHeadPartitionAttention(nn.Module):
     ):
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"MHPA: {dim} channels do not split into {num_heads} heads")
+            raise ValueError(
+                f"MHPA: {dim} channels do not split into {num_heads} heads"
+            )
         if intra_mode not in INTRA_MODES:
-            raise ValueError(f"unknown intra_mode {intra_mode!r}; expected one of {INTRA_MODES}")
+            raise ValueError(
+                f"unknown intra_mode {intra_mode!r}; expected one of {INTRA_MODES}"
+            )
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.num_partitions = 2**hash_bits
@@ -176,20 +183,34 @@ class MultiHeadPartitionAttention(nn.Module):
                 nn.Conv2d(dim, dim, downsample, downsample, groups=dim, bias=False),
                 get_norm(norm, dim),
             )
-            self.restore = nn.Linear(dim, dim * downsample**2)  # 1x1 conv before pixel shuffle
+            self.restore = nn.Linear(
+                dim, dim * downsample**2
+            )  # 1x1 conv before pixel shuffle
         self.norm = nn.LayerNorm(dim)
-        self.value = nn.Linear(dim, dim)  # x~, the "additional lightweight linear layer"
-        self.pool_logits = nn.Linear(dim, num_heads)  # one intra-partition logit per head
-        self.squeeze = nn.Linear(self.head_dim, 1)  # partition descriptor -> scalar (SENet)
+        self.value = nn.Linear(
+            dim, dim
+        )  # x~, the "additional lightweight linear layer"
+        self.pool_logits = nn.Linear(
+            dim, num_heads
+        )  # one intra-partition logit per head
+        self.squeeze = nn.Linear(
+            self.head_dim, 1
+        )  # partition descriptor -> scalar (SENet)
         self.excite = nn.Sequential(
             nn.Linear(self.num_partitions, self.num_partitions),
             nn.ReLU(inplace=True),
             nn.Linear(self.num_partitions, self.num_partitions),
         )
-        self.aggregate = nn.Linear(2 * dim, dim)  # concat(intra, inter) -> dim, a 1x1 conv
+        self.aggregate = nn.Linear(
+            2 * dim, dim
+        )  # concat(intra, inter) -> dim, a 1x1 conv
         generator = torch.Generator().manual_seed(hash_seed)
-        hyperplanes = torch.randn(num_heads, self.head_dim, hash_bits, generator=generator)
-        self.register_buffer("hyperplanes", hyperplanes, persistent=True)  # beta, never trained
+        hyperplanes = torch.randn(
+            num_heads, self.head_dim, hash_bits, generator=generator
+        )
+        self.register_buffer(
+            "hyperplanes", hyperplanes, persistent=True
+        )  # beta, never trained
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, height, width, dim = x.shape
@@ -204,9 +225,13 @@ class MultiHeadPartitionAttention(nn.Module):
         mixed, _ = self.partition_attention(tokens)
         out = self.aggregate(mixed)
         if k > 1:  # channel to spatial: (h, w, c k^2) -> (h k, w k, c), then crop
-            out = pixel_shuffle_channels_last(self.restore(out).view(batch, *grid, -1), k)
+            out = pixel_shuffle_channels_last(
+                self.restore(out).view(batch, *grid, -1), k
+            )
             out = out[:, :height, :width]
-        return x + out.reshape(batch, height, width, dim)  # skip with the original input
+        return x + out.reshape(
+            batch, height, width, dim
+        )  # skip with the original input
 
     def partition_attention(
         self, tokens: torch.Tensor
@@ -237,14 +262,18 @@ class MultiHeadPartitionAttention(nn.Module):
             with torch.no_grad():  # each partition's max logit: an exact softmax shift
                 masked = torch.where(one_hot.bool(), a.unsqueeze(-1), float("-inf"))
                 shift = masked.amax(2).gather(-1, codes)  # (B, h, n)
-            e = torch.exp(a - shift).unsqueeze(-1)  # <= 1, and 1 at each partition's max
+            e = torch.exp(a - shift).unsqueeze(
+                -1
+            )  # <= 1, and 1 at each partition's max
             # segment sums over the tokens of each partition, one matmul: (B, h, K, 2 hd + 1)
             sums = one_hot.transpose(2, 3) @ torch.cat([e * v, v, e], -1)
             weighted, value_sum, weight_sum = sums.split([head_dim, head_dim, 1], -1)
             means = value_sum / counts.clamp_min(1).unsqueeze(-1)  # Eq. 8
             # SE-style scores in the parameters' dtype (the module may have been cast)
             descriptors = self.squeeze(means.to(self.squeeze.weight.dtype)).squeeze(-1)
-            present = (counts > 0).to(descriptors.dtype)  # empty partitions: zero descriptor
+            present = (counts > 0).to(
+                descriptors.dtype
+            )  # empty partitions: zero descriptor
             scores = self.excite(descriptors * present).to(dtype)
             importance = partition_importance(scores, counts)  # Eq. 9
             inter = importance.unsqueeze(-1) * means
@@ -254,8 +283,12 @@ class MultiHeadPartitionAttention(nn.Module):
             else:  # each token's softmax weight within its partition times its value
                 token_weight_sum = one_hot @ weight_sum  # (B, h, n, 1), >= 1
                 scattered = torch.cat([e * v / token_weight_sum, one_hot @ inter], -1)
-            mixed = scattered.transpose(1, 2).reshape(batch, n, 2 * dim).to(tokens.dtype)
-        details = dict(codes=codes, one_hot=one_hot, counts=counts, importance=importance)
+            mixed = (
+                scattered.transpose(1, 2).reshape(batch, n, 2 * dim).to(tokens.dtype)
+            )
+        details = dict(
+            codes=codes, one_hot=one_hot, counts=counts, importance=importance
+        )
         return mixed, details
 
 
@@ -279,7 +312,9 @@ class MBConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.gelu(self.norm1(to_channels_first(self.expand(x))))
         x = F.gelu(self.norm2(self.dwconv(x)))
-        return to_channels_last(self.norm3(to_channels_first(self.project(to_channels_last(x)))))
+        return to_channels_last(
+            self.norm3(to_channels_first(self.project(to_channels_last(x))))
+        )
 
 
 class DualBlock(nn.Module):
@@ -316,7 +351,9 @@ class DualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.norm1(x)
-        mixed = torch.cat([self.local(y[..., : self.split]), self.attn(y[..., self.split :])], -1)
+        mixed = torch.cat(
+            [self.local(y[..., : self.split]), self.attn(y[..., self.split :])], -1
+        )
         x = x + self.drop_path(self.proj(mixed))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
@@ -324,7 +361,9 @@ class DualBlock(nn.Module):
         # checkpoints written before the shared Mlp name the FFN's layers mlp.0 / mlp.2
         for old, new in (("mlp.0.", "mlp.fc1."), ("mlp.2.", "mlp.fc2.")):
             for key in [k for k in state_dict if k.startswith(prefix + old)]:
-                state_dict[prefix + new + key[len(prefix + old) :]] = state_dict.pop(key)
+                state_dict[prefix + new + key[len(prefix + old) :]] = state_dict.pop(
+                    key
+                )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
@@ -351,7 +390,8 @@ class Downsample(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, norm: str):
         super().__init__()
         self.proj = nn.Sequential(
-            SmallMapSafeConv2d(in_dim, out_dim, 3, 2, padding=1, bias=False), get_norm(norm, out_dim)
+            SmallMapSafeConv2d(in_dim, out_dim, 3, 2, padding=1, bias=False),
+            get_norm(norm, out_dim),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -395,7 +435,9 @@ class DualFormer(nn.Module):
         self.channels = list(channels)
         self.stem = Stem(channels[0], norm)
         # stochastic depth rises linearly over all blocks
-        drop_paths = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
+        drop_paths = torch.linspace(
+            0, drop_path_rate, sum(depths), device="cpu"
+        ).tolist()
         self.stages = nn.ModuleList()
         index = 0
         for i, depth in enumerate(depths):
@@ -406,7 +448,9 @@ class DualFormer(nn.Module):
                               drop_paths[index], norm, hash_seed + index, intra_mode)
                 )  # fmt: skip
                 index += 1
-            downsample = Downsample(channels[i], channels[i + 1], norm) if i < 3 else None
+            downsample = (
+                Downsample(channels[i], channels[i + 1], norm) if i < 3 else None
+            )
             self.stages.append(Stage(blocks, downsample, use_checkpoint))
         self.apply(self._init_weights)
 

@@ -1,4 +1,5 @@
 """Generic FPN wiring: any registered hybrid_d2 bottom-up network under Detectron2's FPN."""
+
 import math
 
 from detectron2.layers import ShapeSpec
@@ -16,9 +17,13 @@ def build_bottom_up(cfg, input_shape: ShapeSpec) -> Backbone:
     name = cfg.MODEL.FPN.BOTTOM_UP
     if name not in BACKBONE_REGISTRY:
         known = sorted(n for n in BACKBONE_REGISTRY._obj_map if n.startswith("build_"))
-        raise KeyError(f"MODEL.FPN.BOTTOM_UP: no backbone builder named {name!r}; known: {known}")
+        raise KeyError(
+            f"MODEL.FPN.BOTTOM_UP: no backbone builder named {name!r}; known: {known}"
+        )
     bottom_up = BACKBONE_REGISTRY.get(name)(cfg, input_shape)
-    outputs, in_features = sorted(bottom_up.output_shape()), sorted(cfg.MODEL.FPN.IN_FEATURES)
+    outputs, in_features = sorted(bottom_up.output_shape()), sorted(
+        cfg.MODEL.FPN.IN_FEATURES
+    )
     if outputs != in_features:
         raise ValueError(
             f"MODEL.FPN.IN_FEATURES={in_features} but the bottom-up network {name} outputs "

@@ -66,13 +66,30 @@ __all__ = [
 # Paper Table 2 (B1-B4) and the official code (B0, B5, B6); drop_path_rate is the official
 # ImageNet value, used as the detection default (docs/mixformer.md, "Variants").
 VARIANTS = {
-    "b0": dict(embed_dim=24, depths=(1, 2, 6, 6), num_heads=(3, 6, 12, 24), drop_path_rate=0.0),
-    "b1": dict(embed_dim=32, depths=(1, 2, 6, 6), num_heads=(2, 4, 8, 16), drop_path_rate=0.0),
-    "b2": dict(embed_dim=32, depths=(2, 2, 8, 8), num_heads=(2, 4, 8, 16), drop_path_rate=0.05),
-    "b3": dict(embed_dim=48, depths=(2, 2, 8, 6), num_heads=(3, 6, 12, 24), drop_path_rate=0.1),
-    "b4": dict(embed_dim=64, depths=(2, 2, 8, 8), num_heads=(4, 8, 16, 32), drop_path_rate=0.2),
-    "b5": dict(embed_dim=96, depths=(1, 2, 8, 6), num_heads=(6, 12, 24, 48), drop_path_rate=0.3),
-    "b6": dict(embed_dim=96, depths=(2, 4, 16, 12), num_heads=(6, 12, 24, 48), drop_path_rate=0.5),
+    "b0": dict(
+        embed_dim=24, depths=(1, 2, 6, 6), num_heads=(3, 6, 12, 24), drop_path_rate=0.0
+    ),
+    "b1": dict(
+        embed_dim=32, depths=(1, 2, 6, 6), num_heads=(2, 4, 8, 16), drop_path_rate=0.0
+    ),
+    "b2": dict(
+        embed_dim=32, depths=(2, 2, 8, 8), num_heads=(2, 4, 8, 16), drop_path_rate=0.05
+    ),
+    "b3": dict(
+        embed_dim=48, depths=(2, 2, 8, 6), num_heads=(3, 6, 12, 24), drop_path_rate=0.1
+    ),
+    "b4": dict(
+        embed_dim=64, depths=(2, 2, 8, 8), num_heads=(4, 8, 16, 32), drop_path_rate=0.2
+    ),
+    "b5": dict(
+        embed_dim=96, depths=(1, 2, 8, 6), num_heads=(6, 12, 24, 48), drop_path_rate=0.3
+    ),
+    "b6": dict(
+        embed_dim=96,
+        depths=(2, 4, 16, 12),
+        num_heads=(6, 12, 24, 48),
+        drop_path_rate=0.5,
+    ),
 }
 # paper §3.2: the projection layer "increases the feature's channels to 1280"
 PROJECTION_DIM = 1280
@@ -88,7 +105,9 @@ class ConvEmbed(nn.Module):
         layers = []
         for i in range(3):
             layers += [
-                nn.Conv2d(3 if i == 0 else mid, mid, 3, stride=2 if i == 0 else 1, padding=1),
+                nn.Conv2d(
+                    3 if i == 0 else mid, mid, 3, stride=2 if i == 0 else 1, padding=1
+                ),
                 get_norm(norm, mid),
                 nn.GELU(),
             ]
@@ -122,7 +141,9 @@ class MixingAttention(nn.Module):
         pooled_norm: str,
     ):
         super().__init__()
-        attn_dim = dim // 2  # official code: the attention branch gets half the channels
+        attn_dim = (
+            dim // 2
+        )  # official code: the attention branch gets half the channels
         self.num_heads = num_heads
         self.window_size = window_size
 
@@ -134,7 +155,9 @@ class MixingAttention(nn.Module):
 
         # paper §3.1 parallel design: 3x3 depth-wise conv branch
         self.dwconv3x3 = nn.Sequential(
-            nn.Conv2d(dim, dim, 3, padding=1, groups=dim), get_norm(norm, dim), nn.GELU()
+            nn.Conv2d(dim, dim, 3, padding=1, groups=dim),
+            get_norm(norm, dim),
+            nn.GELU(),
         )
         # paper §3.1 channel interaction: (GAP), 1x1 conv, BN, GELU, 1x1 conv, (sigmoid)
         self.channel_interaction = nn.Sequential(
@@ -152,7 +175,9 @@ class MixingAttention(nn.Module):
             torch.zeros((2 * window_size - 1) ** 2, num_heads)
         )
         self.register_buffer(
-            "relative_position_index", relative_position_index(window_size), persistent=False
+            "relative_position_index",
+            relative_position_index(window_size),
+            persistent=False,
         )
         # paper §3.1 spatial interaction: 1x1 conv, BN, GELU, 1x1 conv to one channel, (sigmoid)
         self.spatial_interaction = nn.Sequential(
@@ -177,9 +202,13 @@ class MixingAttention(nn.Module):
         size = qkv.shape[1:3]
         windows, padded_size = window_partition(qkv, self.window_size)
         num_windows, tokens = windows.shape[:2]
-        q, k, v = windows.view(num_windows, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = windows.view(num_windows, tokens, 3, self.num_heads, -1).permute(
+            2, 0, 3, 1, 4
+        )
         bias = self.relative_position_bias().to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # scale = head_dim**-0.5
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias
+        )  # scale = head_dim**-0.5
         out = out.transpose(1, 2).reshape(num_windows, tokens, -1)
         return window_reverse(out, self.window_size, padded_size, size)
 
@@ -192,7 +221,9 @@ class MixingAttention(nn.Module):
         x_cnn = self.projection(x_cnn)
 
         q, k, v = self.qkv(x_attn).chunk(3, dim=-1)
-        v = v * torch.sigmoid(to_channels_last(channel_attn))  # channel interaction acts on v only
+        v = v * torch.sigmoid(
+            to_channels_last(channel_attn)
+        )  # channel interaction acts on v only
         x_attn = self.window_attention(torch.cat([q, k, v], dim=-1))
 
         spatial_attn = self.spatial_interaction(to_channels_first(x_attn))
@@ -271,7 +302,9 @@ class MixFormer(nn.Module):
         self.channels = [embed_dim * 2**i for i in range(len(depths))]
         self.patch_embed = ConvEmbed(embed_dim, norm)
         # stochastic depth rises linearly over all blocks, as the official code
-        drop_paths = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
+        drop_paths = torch.linspace(
+            0, drop_path_rate, sum(depths), device="cpu"
+        ).tolist()
         self.layers = nn.ModuleList()
         for i, (dim, depth, heads) in enumerate(zip(self.channels, depths, num_heads)):
             first = sum(depths[:i])
@@ -325,7 +358,11 @@ class MixFormerClassifier(ClassifierMixin, MixFormer):
 
     def no_weight_decay(self) -> Set[str]:
         """Parameter names timm's optimizer factory keeps out of weight decay (official recipe)."""
-        return {n for n, _ in self.named_parameters() if n.endswith("relative_position_bias_table")}
+        return {
+            n
+            for n, _ in self.named_parameters()
+            if n.endswith("relative_position_bias_table")
+        }
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> the projected last stage, (B, 1280, H/32, W/32)."""

@@ -109,12 +109,16 @@ class SafeCheckpointer(DetectionCheckpointer):
         )
         for path in stale:
             os.unlink(path)
-            self.logger.info(f"Removed {path}, left by a checkpoint save that was interrupted")
+            self.logger.info(
+                f"Removed {path}, left by a checkpoint save that was interrupted"
+            )
         return stale
 
     # --- loading ----------------------------------------------------------------------------
 
-    def load(self, path: str, checkpointables: Optional[List[str]] = None) -> Dict[str, Any]:
+    def load(
+        self, path: str, checkpointables: Optional[List[str]] = None
+    ) -> Dict[str, Any]:
         self._resuming = checkpointables is None and bool(self.checkpointables)
         self._loading = path
         try:
@@ -153,14 +157,18 @@ class SafeCheckpointer(DetectionCheckpointer):
     def _torch_load(self, f: str) -> Dict[str, Any]:
         data = _load_torch(f)
         if not isinstance(data, dict):
-            raise ValueError(f"{f}: expected a dict checkpoint, got {type(data).__name__}")
+            raise ValueError(
+                f"{f}: expected a dict checkpoint, got {type(data).__name__}"
+            )
         return data
 
     def _load_model(self, checkpoint: Any):
         model_keys = list(self.model.state_dict())
         _drop_foreign_batch_counters(checkpoint["model"], set(model_keys))
         incompatible = super()._load_model(checkpoint)
-        problems = _mismatch_lines(incompatible, model_keys, strict_shapes=self._resuming)
+        problems = _mismatch_lines(
+            incompatible, model_keys, strict_shapes=self._resuming
+        )
         if problems:
             raise CheckpointMismatchError(
                 f"{self._loading}: the checkpoint does not fit the model (another backbone "
@@ -170,7 +178,9 @@ class SafeCheckpointer(DetectionCheckpointer):
         return incompatible
 
 
-def _drop_foreign_batch_counters(state_dict: Dict[str, Any], model_keys: Set[str]) -> None:
+def _drop_foreign_batch_counters(
+    state_dict: Dict[str, Any], model_keys: Set[str]
+) -> None:
     """Remove the ``num_batches_tracked`` counters the model has no place for.
 
     A BatchNorm's counter only serves its momentum-free mode; weights trained with BatchNorm
@@ -186,10 +196,14 @@ def _check_finite(state_dict: Dict[str, torch.Tensor], basename: str) -> None:
     bad = [
         name
         for name, value in state_dict.items()
-        if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all()
+        if torch.is_tensor(value)
+        and value.is_floating_point()
+        and not torch.isfinite(value).all()
     ]
     if bad:
-        listed = ", ".join(bad[:_MAX_LISTED]) + (", ..." if len(bad) > _MAX_LISTED else "")
+        listed = ", ".join(bad[:_MAX_LISTED]) + (
+            ", ..." if len(bad) > _MAX_LISTED else ""
+        )
         raise FloatingPointError(
             f"Refusing to save {basename}: {len(bad)} model tensors have NaN or Inf values: "
             + listed
@@ -209,24 +223,35 @@ def _model_zoo_checkpoint(data: Any, path: str) -> Dict[str, Any]:
     return {"model": data, "__author__": "Caffe2", "matching_heuristics": True}
 
 
-def _mismatch_lines(incompatible, model_keys: List[str], strict_shapes: bool) -> List[str]:
+def _mismatch_lines(
+    incompatible, model_keys: List[str], strict_shapes: bool
+) -> List[str]:
     """The mismatches that make a checkpoint unfit (see SafeCheckpointer), one line each."""
     lines = [
         f"  {key}: expected shape {list(shape_model)}, got {list(shape_checkpoint)}"
         for key, shape_checkpoint, shape_model in incompatible.incorrect_shapes
         if strict_shapes or key.startswith(_BACKBONE_PREFIX)
     ]
-    unexpected = sorted(k for k in incompatible.unexpected_keys if k.startswith(_BACKBONE_PREFIX))
-    lines += [f"  {key}: expected nothing (not in the model), got a tensor" for key in unexpected]
+    unexpected = sorted(
+        k for k in incompatible.unexpected_keys if k.startswith(_BACKBONE_PREFIX)
+    )
+    lines += [
+        f"  {key}: expected nothing (not in the model), got a tensor"
+        for key in unexpected
+    ]
     # torch's BatchNorm never reports a missing num_batches_tracked: not evidence of a load
     loaded = {k for k in model_keys if not k.endswith("num_batches_tracked")}
     loaded -= set(incompatible.missing_keys)
-    for block, count in sorted(_missing_blocks(incompatible.missing_keys, loaded).items()):
+    for block, count in sorted(
+        _missing_blocks(incompatible.missing_keys, loaded).items()
+    ):
         lines.append(
             f"  {block}: expected {count} tensors, got none (the checkpoint has its siblings)"
         )
     if len(lines) > 3 * _MAX_LISTED:
-        lines = lines[: 3 * _MAX_LISTED] + [f"  ... ({len(lines) - 3 * _MAX_LISTED} more)"]
+        lines = lines[: 3 * _MAX_LISTED] + [
+            f"  ... ({len(lines) - 3 * _MAX_LISTED} more)"
+        ]
     return lines
 
 
@@ -252,5 +277,7 @@ def _numbered_prefixes(key: str) -> List[Tuple[str, str]]:
     """(parent, index) of each numbered component: 'a.0.b.1.w' -> [('a', '0'), ('a.0.b', '1')]."""
     parts = key.split(".")
     return [
-        (".".join(parts[:i]), part) for i, part in enumerate(parts[:-1]) if i > 0 and part.isdigit()
+        (".".join(parts[:i]), part)
+        for i, part in enumerate(parts[:-1])
+        if i > 0 and part.isdigit()
     ]

@@ -16,7 +16,11 @@ from typing import Dict, List, Tuple
 
 import torch
 
-from ..backbones.dilateformer import DilateFormer, DilateFormerClassifier, variant_config
+from ..backbones.dilateformer import (
+    DilateFormer,
+    DilateFormerClassifier,
+    variant_config,
+)
 from .validation import check_state_dict
 
 logger = logging.getLogger(__name__)

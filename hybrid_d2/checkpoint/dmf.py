@@ -27,7 +27,13 @@ logger = logging.getLogger(__name__)
 PREFIX = "backbone.bottom_up.net."
 # Classification only: the final cross-attention and Former on the tokens, the dynamic 1x1 conv,
 # its BatchNorm and the two-layer head (paper §3.6).
-_CLASSIFIER_PREFIXES = ("end_mobile2former.", "end_former.", "channel_conv.", "bn.", "head.")
+_CLASSIFIER_PREFIXES = (
+    "end_mobile2former.",
+    "end_former.",
+    "channel_conv.",
+    "bn.",
+    "head.",
+)
 
 
 def _expected_shapes(variant: str, keep_head: bool) -> Dict[str, Tuple[int, ...]]:
@@ -35,7 +41,9 @@ def _expected_shapes(variant: str, keep_head: bool) -> Dict[str, Tuple[int, ...]
         if keep_head:
             network = DMFClassifier(variant)
         else:
-            network = DynamicMobileFormer(**variant_config(variant), norm="BN", pooled_norm="BN")
+            network = DynamicMobileFormer(
+                **variant_config(variant), norm="BN", pooled_norm="BN"
+            )
     return {name: tuple(t.shape) for name, t in network.state_dict().items()}
 
 

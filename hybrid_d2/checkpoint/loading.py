@@ -22,7 +22,9 @@ _NUMPY_GLOBALS = {
     ("_codecs", "encode"),  # bytes in protocol-2 pickles
     ("collections", "OrderedDict"),
 }
-_NUMPY_CORE = "numpy._core" if np.lib.NumpyVersion(np.__version__) >= "2.0.0" else "numpy.core"
+_NUMPY_CORE = (
+    "numpy._core" if np.lib.NumpyVersion(np.__version__) >= "2.0.0" else "numpy.core"
+)
 
 # What official training scripts store next to the weights besides tensors and plain containers:
 # DeiT/ConvNeXt-style ``main.py`` scripts (DilateFormer, Dynamic Mobile-Former) save their
@@ -51,12 +53,16 @@ def load_numpy_pickle(path: str, expected: str) -> Any:
             return _NumpyOnlyUnpickler(f, encoding="latin1").load()
         except pickle.UnpicklingError as e:
             if "is not allowed" not in str(e):
-                raise CheckpointLoadError(f"{path}: not a readable pickle ({_one_line(e)})") from e
+                raise CheckpointLoadError(
+                    f"{path}: not a readable pickle ({_one_line(e)})"
+                ) from e
             raise pickle.UnpicklingError(
                 f"{path}: refusing to unpickle, it needs more than numpy arrays to load ({e}); "
                 f"{expected} should be a pickled dict of numpy arrays"
             ) from e
-        except Exception as e:  # truncated, not a pickle, ...: one line that names the file
+        except (
+            Exception
+        ) as e:  # truncated, not a pickle, ...: one line that names the file
             raise CheckpointLoadError(
                 f"{path}: cannot read {expected} ({type(e).__name__}: {_one_line(e)})"
             ) from e
@@ -75,14 +81,18 @@ def _load_torch(path: str) -> Any:
     except pickle.UnpicklingError as e:
         reason = _weights_only_reason(str(e))
         if "global" not in reason.lower():
-            raise CheckpointLoadError(f"{path}: not a PyTorch checkpoint ({reason})") from e
+            raise CheckpointLoadError(
+                f"{path}: not a PyTorch checkpoint ({reason})"
+            ) from e
         raise pickle.UnpicklingError(
             f"{path}: refusing to load, it is not a plain tensor checkpoint and unpickling it "
             f"would run code ({reason})"
         ) from e
     except OSError:
         raise
-    except Exception as e:  # a text file, a truncated zip, ...: one line that names the file
+    except (
+        Exception
+    ) as e:  # a text file, a truncated zip, ...: one line that names the file
         raise CheckpointLoadError(
             f"{path}: not a PyTorch checkpoint ({type(e).__name__}: {_one_line(e)})"
         ) from e
@@ -98,15 +108,23 @@ def _weights_only_reason(message: str) -> str:
     lines = [line.strip() for line in message.splitlines() if line.strip()]
     for line in lines:
         if "GLOBAL" in line:
-            return line.split("WeightsUnpickler error:")[-1].strip().split(". Please use")[0]
+            return (
+                line.split("WeightsUnpickler error:")[-1]
+                .strip()
+                .split(". Please use")[0]
+            )
     _, marker, after = message.partition("WeightsUnpickler error:")
-    details = [line.strip() for line in after.splitlines() if line.strip()] if marker else []
+    details = (
+        [line.strip() for line in after.splitlines() if line.strip()] if marker else []
+    )
     return (details or lines or [message])[0]
 
 
 def _pick_state_dict(checkpoint: dict, path: str, use_ema: bool) -> dict:
     if not isinstance(checkpoint, dict):
-        raise ValueError(f"{path}: expected a dict checkpoint, got {type(checkpoint).__name__}")
+        raise ValueError(
+            f"{path}: expected a dict checkpoint, got {type(checkpoint).__name__}"
+        )
     if use_ema:
         if "model_ema" not in checkpoint:
             raise KeyError(
@@ -121,7 +139,8 @@ def _pick_state_dict(checkpoint: dict, path: str, use_ema: bool) -> dict:
 
 def read_torch_checkpoint(path: str) -> Any:
     """A whole PyTorch checkpoint (e.g. a timm training checkpoint), read with
-    ``weights_only=True`` (plus ``argparse.Namespace``); a file that needs code is refused."""
+    ``weights_only=True`` (plus ``argparse.Namespace``); a file that needs code is refused.
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     return _load_torch(path)
@@ -149,6 +168,8 @@ def load_checkpoint_file(path: str, use_ema: bool = False) -> Dict[str, torch.Te
         if isinstance(value, np.ndarray):
             value = torch.from_numpy(np.ascontiguousarray(value))
         if not isinstance(value, torch.Tensor):
-            raise ValueError(f"{path}: entry {name!r} is a {type(value).__name__}, not a tensor")
+            raise ValueError(
+                f"{path}: entry {name!r} is a {type(value).__name__}, not a tensor"
+            )
         tensors[name] = value
     return tensors

@@ -86,4 +86,3 @@ def convert_mixformer(
         logger.info("dropped %d keys: %s", len(dropped), dropped)
     prefix = "" if keep_head else PREFIX
     return {prefix + name: tensor for name, tensor in converted.items()}, dropped
-

@@ -61,7 +61,9 @@ def running_state(model: nn.Module) -> Dict[str, float]:
     for module_name, module in model.named_modules():
         if isinstance(module, DenseDetector):
             for name, value in vars(module).items():
-                if name.startswith(_RUNNING_ATTRIBUTE_PREFIX) and isinstance(value, (int, float)):
+                if name.startswith(_RUNNING_ATTRIBUTE_PREFIX) and isinstance(
+                    value, (int, float)
+                ):
                     state[f"{module_name}.{name}".lstrip(".")] = float(value)
     return state
 
@@ -73,7 +75,9 @@ def load_running_state(model: nn.Module, state: Dict[str, float]) -> None:
         module_name, _, name = key.rpartition(".")
         module = modules.get(module_name)
         if not isinstance(module, DenseDetector):
-            raise KeyError(f"running state {key!r}: the model has no dense detector {module_name!r}")
+            raise KeyError(
+                f"running state {key!r}: the model has no dense detector {module_name!r}"
+            )
         setattr(module, name, value)
 
 
@@ -92,7 +96,9 @@ class RunningStateGatherer(HookBase):
     def after_step(self):
         iteration = self.trainer.iter
         if (iteration + 1) % self._period == 0 or iteration >= self._max_iter - 1:
-            self.trainer.running_states = comm.all_gather(running_state(self.trainer.model))
+            self.trainer.running_states = comm.all_gather(
+                running_state(self.trainer.model)
+            )
 
 
 def restore_running_states(model: nn.Module, states: List[Dict[str, float]]) -> None:

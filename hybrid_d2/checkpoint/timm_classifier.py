@@ -39,7 +39,9 @@ def _variant_of(arch: Any, family: str, variant: Optional[str], path: str) -> st
             "give --variant for a checkpoint saved without timm's args"
         )
     if variant not in names.values():
-        raise ValueError(f"unknown {family} variant {variant!r}; expected one of {sorted(names)}")
+        raise ValueError(
+            f"unknown {family} variant {variant!r}; expected one of {sorted(names)}"
+        )
     return variant
 
 
@@ -55,7 +57,9 @@ def trunk_state_dict(
     tail = tuple(f"{module}." for module in cls.TAIL)
     with torch.device("meta"):  # shapes only
         reference = cls(variant).state_dict()
-    expected = {k: tuple(v.shape) for k, v in reference.items() if not k.startswith(tail)}
+    expected = {
+        k: tuple(v.shape) for k, v in reference.items() if not k.startswith(tail)
+    }
     state = {k.removeprefix("module."): v for k, v in state_dict.items()}
     trunk = {k: v for k, v in state.items() if not k.startswith(tail)}
     check_state_dict(trunk, expected, name, variant)
@@ -63,7 +67,11 @@ def trunk_state_dict(
 
 
 def convert_timm_checkpoint(
-    checkpoint: Any, path: str, family: str, variant: Optional[str] = None, use_ema: bool = False
+    checkpoint: Any,
+    path: str,
+    family: str,
+    variant: Optional[str] = None,
+    use_ema: bool = False,
 ) -> Tuple[Dict[str, torch.Tensor], List[str], str]:
     """Detection weights from a timm training checkpoint of ``hybrid_<family>_<variant>``.
 
@@ -74,9 +82,17 @@ def convert_timm_checkpoint(
         ValueError / KeyError naming the file and what was expected.
     """
     if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; expected one of {sorted(FAMILIES)}")
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
-        got = sorted(checkpoint)[:20] if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise ValueError(
+            f"unknown family {family!r}; expected one of {sorted(FAMILIES)}"
+        )
+    if not isinstance(checkpoint, dict) or not isinstance(
+        checkpoint.get("state_dict"), dict
+    ):
+        got = (
+            sorted(checkpoint)[:20]
+            if isinstance(checkpoint, dict)
+            else type(checkpoint).__name__
+        )
         raise ValueError(
             f"{path}: not a timm training checkpoint: expected 'state_dict', got {got}"
         )

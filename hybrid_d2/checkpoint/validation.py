@@ -38,7 +38,9 @@ def check_state_dict(
     if missing:
         lines += [f"missing keys ({len(missing)}):"] + [f"  {name}" for name in missing]
     if unexpected:
-        lines += [f"unexpected keys ({len(unexpected)}):"] + [f"  {name}" for name in unexpected]
+        lines += [f"unexpected keys ({len(unexpected)}):"] + [
+            f"  {name}" for name in unexpected
+        ]
     if mismatched:
         lines += [f"shape mismatches ({len(mismatched)}):"] + mismatched
     raise ValueError("\n".join(lines))

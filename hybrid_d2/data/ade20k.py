@@ -18,7 +18,12 @@ from PIL import Image
 
 from .sem_seg import LabelError, read_label
 
-__all__ = ["ADE20K_NUM_CLASSES", "ADE20K_SPLITS", "convert_ade20k_annotations", "reduce_zero_label"]
+__all__ = [
+    "ADE20K_NUM_CLASSES",
+    "ADE20K_SPLITS",
+    "convert_ade20k_annotations",
+    "reduce_zero_label",
+]
 
 ADE20K_NUM_CLASSES = 150
 ADE20K_SPLITS = ("training", "validation")
@@ -30,7 +35,9 @@ logger = logging.getLogger(__name__)
 def reduce_zero_label(label: np.ndarray) -> np.ndarray:
     """ADE's raw label to Detectron2's: 0 (unlabelled) -> 255, k -> k - 1 (uint8 in, uint8 out)."""
     if label.dtype != np.uint8:
-        raise ValueError(f"reduce_zero_label: expected a uint8 label, got {label.dtype}")
+        raise ValueError(
+            f"reduce_zero_label: expected a uint8 label, got {label.dtype}"
+        )
     return label - np.uint8(1)  # uint8 arithmetic wraps 0 to 255
 
 
@@ -72,7 +79,9 @@ def convert_ade20k_annotations(
             )
         target_dir = dataset_dir / CONVERTED_DIR / split
         target_dir.parent.mkdir(parents=True, exist_ok=True)
-        temp_dir = target_dir.parent / f".{split}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        temp_dir = (
+            target_dir.parent / f".{split}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        )
         temp_dir.mkdir()
         try:
             files = sorted(source_dir.glob("*.png"))

@@ -85,7 +85,10 @@ def check_dataset_files(dataset_name: str) -> None:
     """
     missing = missing_dataset_files(dataset_name)
     if missing:
-        converted = any(path.startswith("sem_seg_root:") and "annotations_detectron2" in path for path in missing)
+        converted = any(
+            path.startswith("sem_seg_root:") and "annotations_detectron2" in path
+            for path in missing
+        )
         hint = (
             " ADE20K's annotations_detectron2/ is written by datasets/prepare_ade20k_sem_seg.py."
             if converted
@@ -101,7 +104,9 @@ def check_dataset_files(dataset_name: str) -> None:
 
 # --- dataset dicts ---------------------------------------------------------------------------
 
-_NUM_CLASSES_KEYS = "MODEL.ROI_HEADS.NUM_CLASSES (R-CNN) / MODEL.RETINANET.NUM_CLASSES (RetinaNet)"
+_NUM_CLASSES_KEYS = (
+    "MODEL.ROI_HEADS.NUM_CLASSES (R-CNN) / MODEL.RETINANET.NUM_CLASSES (RetinaNet)"
+)
 # Label files of a semantic segmentation dataset read at start (all are checked as they are read).
 _LABELS_CHECKED_AT_START = 8
 # Detectron2's filter_empty_instances drops boxes whose side is not larger than this.
@@ -125,7 +130,9 @@ def _describe(dataset_names: Sequence[str]) -> str:
     return ("dataset " if len(parts) == 1 else "datasets ") + ", ".join(parts)
 
 
-def _failing_dataset(dataset_names: Sequence[str], error: BaseException) -> Optional[str]:
+def _failing_dataset(
+    dataset_names: Sequence[str], error: BaseException
+) -> Optional[str]:
     """The first of ``dataset_names`` whose own loading (``DatasetCatalog.get``) raises an error
     of ``error``'s type; None if none does alone."""
     for name in dataset_names:
@@ -249,10 +256,18 @@ def _check_categories(
                 count += 1
     if not bad_ids:
         return
-    ids = sorted(bad_ids, key=lambda v: (0, v) if isinstance(v, numbers.Real) else (1, repr(v)))
+    ids = sorted(
+        bad_ids, key=lambda v: (0, v) if isinstance(v, numbers.Real) else (1, repr(v))
+    )
     shown = ", ".join(map(repr, ids[:20])) + (", ..." if len(ids) > 20 else "")
-    classes = _metadata(dataset_names[0]).get("thing_classes") if dataset_names else None
-    known = f" The dataset's metadata lists {len(classes)} thing_classes." if classes else ""
+    classes = (
+        _metadata(dataset_names[0]).get("thing_classes") if dataset_names else None
+    )
+    known = (
+        f" The dataset's metadata lists {len(classes)} thing_classes."
+        if classes
+        else ""
+    )
     raise ValueError(
         f"{count} annotations of {_describe(dataset_names)} have a category_id outside "
         f"[0, {num_classes}) (ids after Detectron2's mapping to contiguous ids): {shown}; e.g. in "
@@ -324,12 +339,18 @@ def _log_box_fixes(
 ) -> None:
     """Warn about the boxes Detectron2's mapper will clip, drop or reorder."""
     boxes, owners = _xyxy_boxes(dataset_dicts, dataset_names)
-    sizes = np.array([(r["width"], r["height"]) for r in dataset_dicts], dtype=np.float64)
+    sizes = np.array(
+        [(r["width"], r["height"]) for r in dataset_dicts], dtype=np.float64
+    )
     limits = np.tile(sizes[owners], 2)  # (w, h, w, h) per box
     reversed_ = (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
     # box transforms take the min/max corners (fvcore Transform.apply_box)
     boxes = np.concatenate(
-        [np.minimum(boxes[:, :2], boxes[:, 2:]), np.maximum(boxes[:, :2], boxes[:, 2:])], axis=1
+        [
+            np.minimum(boxes[:, :2], boxes[:, 2:]),
+            np.maximum(boxes[:, :2], boxes[:, 2:]),
+        ],
+        axis=1,
     )
     clipped = np.clip(boxes, 0, limits)
     outside = (clipped != boxes).any(axis=1)
@@ -355,12 +376,16 @@ def is_sem_seg_dataset(dataset_dicts: List[dict]) -> bool:
     """Whether records are semantic segmentation records (a ``sem_seg_file_name``, no
     ``annotations``), as Detectron2's ``load_sem_seg`` returns."""
     return bool(dataset_dicts) and all(
-        "sem_seg_file_name" in record and "annotations" not in record for record in dataset_dicts
+        "sem_seg_file_name" in record and "annotations" not in record
+        for record in dataset_dicts
     )
 
 
 def _check_label_files(
-    dataset_dicts: List[dict], dataset_names: Sequence[str], num_classes: int, ignore_value: int
+    dataset_dicts: List[dict],
+    dataset_names: Sequence[str],
+    num_classes: int,
+    ignore_value: int,
 ) -> None:
     """Every label file exists; the first few hold only class ids and the ignore value."""
     missing = [
@@ -369,7 +394,9 @@ def _check_label_files(
         if not os.path.exists(record["sem_seg_file_name"])
     ]
     if missing:
-        listed = "\n  ".join(missing[:_MAX_LISTED]) + ("\n  ..." if len(missing) > _MAX_LISTED else "")
+        listed = "\n  ".join(missing[:_MAX_LISTED]) + (
+            "\n  ..." if len(missing) > _MAX_LISTED else ""
+        )
         raise FileNotFoundError(
             f"{len(missing)} of the {len(dataset_dicts)} label files of {_describe(dataset_names)} "
             f"do not exist:\n  {listed}\n{_datasets_root_description()}."
@@ -383,7 +410,10 @@ def _check_label_files(
 
 
 def check_sem_seg_dataset_dicts(
-    dataset_dicts: List[dict], dataset_names: Sequence[str], num_classes: int, ignore_value: int
+    dataset_dicts: List[dict],
+    dataset_names: Sequence[str],
+    num_classes: int,
+    ignore_value: int,
 ) -> None:
     """Check the training records of semantic segmentation datasets before training starts:
     records exist; every image and label file exists; height/width, where given, are positive

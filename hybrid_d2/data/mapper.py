@@ -24,7 +24,9 @@ def _describe_unreadable(dataset_dict: Dict[str, Any], error: BaseException) -> 
     elif PathManager.isfile(file_name) and _is_empty(file_name):
         problem = "is empty (0 bytes)"
     else:
-        problem = f"cannot be decoded: corrupt or truncated ({type(error).__name__}: {error})"
+        problem = (
+            f"cannot be decoded: corrupt or truncated ({type(error).__name__}: {error})"
+        )
     image_id = dataset_dict.get("image_id")
     message = f"Image {file_name} of dataset record image_id={image_id} {problem}."
     if "sem_seg_file_name" in dataset_dict:

@@ -62,7 +62,9 @@ ORDER, AUGMENTATION, STEP = 0, 1, 2
 
 def derive_seed(seed: int, purpose: int, *numbers: int) -> int:
     """A 63-bit seed that is a pure function of (seed, purpose, numbers), well mixed."""
-    state = np.random.SeedSequence([seed, purpose, *numbers]).generate_state(2, np.uint32)
+    state = np.random.SeedSequence([seed, purpose, *numbers]).generate_state(
+        2, np.uint32
+    )
     return (int(state[0]) << 31) ^ int(state[1])
 
 
@@ -84,7 +86,9 @@ def seeded_rngs(seed: int) -> Iterator[None]:
 class _EpochOrder:
     """Dataset index at each position of the global stream, epoch by epoch (cached forward)."""
 
-    def __init__(self, size: int, seed: int, repeat_factors: Optional[torch.Tensor] = None):
+    def __init__(
+        self, size: int, seed: int, repeat_factors: Optional[torch.Tensor] = None
+    ):
         self._size, self._seed = size, seed
         self._int_part = self._frac_part = None
         if repeat_factors is not None:
@@ -108,7 +112,9 @@ class _EpochOrder:
         generator = self._generator(epoch)
         if self._int_part is None:
             return torch.randperm(self._size, generator=generator).tolist()
-        indices = torch.repeat_interleave(torch.arange(self._size), self._repeats(generator))
+        indices = torch.repeat_interleave(
+            torch.arange(self._size), self._repeats(generator)
+        )
         return indices[torch.randperm(len(indices), generator=generator)].tolist()
 
     def __getitem__(self, position: int) -> int:
@@ -117,10 +123,16 @@ class _EpochOrder:
         if position >= self._start + len(self._indices):
             epoch, start = self._epoch + 1, self._start + len(self._indices)
             length = self._epoch_length(epoch)
-            while position >= start + length:  # skip whole epochs without permuting them
+            while (
+                position >= start + length
+            ):  # skip whole epochs without permuting them
                 epoch, start = epoch + 1, start + length
                 length = self._epoch_length(epoch)
-            self._epoch, self._start, self._indices = epoch, start, self._epoch_indices(epoch)
+            self._epoch, self._start, self._indices = (
+                epoch,
+                start,
+                self._epoch_indices(epoch),
+            )
         return self._indices[position - self._start]
 
 
@@ -156,7 +168,9 @@ class SeekableTrainingStream(IterableDataset):
         self._records, self._mapper, self._order = records, mapper, order
         self._seed, self._rank, self._world_size = seed, rank, world_size
         self._resume = resume
-        self._check_groups = check_groups  # aspect-ratio grouping replays the records' groups
+        self._check_groups = (
+            check_groups  # aspect-ratio grouping replays the records' groups
+        )
 
     def global_position(self, position: int) -> int:
         return self._rank + position * self._world_size
@@ -193,7 +207,9 @@ class SeekableTrainingStream(IterableDataset):
 
 
 def _check_sizes_for_grouping(dataset_dicts: List[dict]) -> None:
-    without = next((r for r in dataset_dicts if "width" not in r or "height" not in r), None)
+    without = next(
+        (r for r in dataset_dicts if "width" not in r or "height" not in r), None
+    )
     if without is not None:
         raise ValueError(
             f"DATALOADER.ASPECT_RATIO_GROUPING needs 'height' and 'width' in every record; "
@@ -278,7 +294,8 @@ class ResumableTrainLoader:
 
     def seek(self, start_iter: int, seed: Optional[int] = None) -> None:
         """Make the first batch of the next iteration batch ``start_iter`` of the stream of
-        ``seed`` (default: the current seed). Only before iterating: workers copy the stream."""
+        ``seed`` (default: the current seed). Only before iterating: workers copy the stream.
+        """
         if self._iterated:
             raise RuntimeError("ResumableTrainLoader.seek() after iteration started")
         self.seed = int(self.seed if seed is None else seed)
@@ -332,9 +349,13 @@ def train_dataset_dicts(cfg: CfgNode) -> List[dict]:
         cfg.DATASETS.TRAIN,
         filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
         min_keypoints=(
-            cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE if cfg.MODEL.KEYPOINT_ON else 0
+            cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE
+            if cfg.MODEL.KEYPOINT_ON
+            else 0
         ),
-        proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
+        proposal_files=(
+            cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None
+        ),
     )
     if is_sem_seg_dataset(dataset_dicts):
         check_sem_seg_dataset_dicts(
@@ -376,8 +397,12 @@ def build_resumable_train_loader(
     dataset_dicts = train_dataset_dicts(cfg)
     repeat_factors = None
     if sampler == "RepeatFactorTrainingSampler":
-        repeat_factors = RepeatFactorTrainingSampler.repeat_factors_from_category_frequency(
-            dataset_dicts, cfg.DATALOADER.REPEAT_THRESHOLD, sqrt=cfg.DATALOADER.REPEAT_SQRT
+        repeat_factors = (
+            RepeatFactorTrainingSampler.repeat_factors_from_category_frequency(
+                dataset_dicts,
+                cfg.DATALOADER.REPEAT_THRESHOLD,
+                sqrt=cfg.DATALOADER.REPEAT_SQRT,
+            )
         )
     logging.getLogger(__name__).info(
         f"Resumable training stream: {len(dataset_dicts)} images, {sampler} order, seed {seed}"

@@ -41,7 +41,9 @@ def _open_label(path: str) -> Image.Image:
     except FileNotFoundError:
         raise LabelError(f"label file {path} does not exist") from None
     except (OSError, SyntaxError) as e:
-        raise LabelError(f"label file {path} cannot be decoded ({type(e).__name__}: {e})") from e
+        raise LabelError(
+            f"label file {path} cannot be decoded ({type(e).__name__}: {e})"
+        ) from e
     if image.mode not in _LABEL_MODES:
         raise LabelError(
             f"label file {path}: expected an 8-bit single-channel PNG (mode L or P), got mode "
@@ -63,16 +65,22 @@ def label_size(path: str) -> Tuple[int, int]:
     except FileNotFoundError:
         raise LabelError(f"label file {path} does not exist") from None
     except (OSError, SyntaxError) as e:
-        raise LabelError(f"label file {path} cannot be decoded ({type(e).__name__}: {e})") from e
+        raise LabelError(
+            f"label file {path} cannot be decoded ({type(e).__name__}: {e})"
+        ) from e
     return height, width
 
 
-def check_label_values(label: np.ndarray, path: str, num_classes: int, ignore_value: int) -> None:
+def check_label_values(
+    label: np.ndarray, path: str, num_classes: int, ignore_value: int
+) -> None:
     """Raise LabelError unless every value is a class id in [0, num_classes) or ignore_value."""
     values = np.unique(label)
     bad = values[(values >= num_classes) & (values != ignore_value)]
     if len(bad):
-        shown = ", ".join(map(str, bad[:10].tolist())) + (", ..." if len(bad) > 10 else "")
+        shown = ", ".join(map(str, bad[:10].tolist())) + (
+            ", ..." if len(bad) > 10 else ""
+        )
         raise LabelError(
             f"label file {path}: values {shown} are neither a class id in [0, {num_classes - 1}] "
             f"(MODEL.SEM_SEG_HEAD.NUM_CLASSES={num_classes}) nor the ignore value {ignore_value}; "
@@ -83,7 +91,8 @@ def check_label_values(label: np.ndarray, path: str, num_classes: int, ignore_va
 class RandomRatioResize(T.Augmentation):
     """mmseg's ``Resize(img_scale=(long, short), ratio_range=...)``: a ratio r drawn uniformly
     from ``ratio_range``, then a resize keeping the aspect ratio to the largest size whose short
-    side is at most ``short * r`` and long side at most ``long * r`` (labels: nearest)."""
+    side is at most ``short * r`` and long side at most ``long * r`` (labels: nearest).
+    """
 
     def __init__(self, short: int, long: int, ratio_range: Sequence[float]):
         super().__init__()
@@ -107,7 +116,9 @@ def build_sem_seg_train_augmentations(cfg: CfgNode) -> List[T.Augmentation]:
     """Resize, category-constrained crop, flip, photometric distortion, in mmseg's order."""
     augmentations = [
         RandomRatioResize(
-            cfg.INPUT.MIN_SIZE_TRAIN[0], cfg.INPUT.MAX_SIZE_TRAIN, cfg.INPUT.RESIZE_RATIO_RANGE
+            cfg.INPUT.MIN_SIZE_TRAIN[0],
+            cfg.INPUT.MAX_SIZE_TRAIN,
+            cfg.INPUT.RESIZE_RATIO_RANGE,
         )
     ]
     if cfg.INPUT.CROP.ENABLED:
@@ -178,7 +189,9 @@ class SemSegDatasetMapper:
         if augmentations is None and is_train:
             augmentations = build_sem_seg_train_augmentations(cfg)
         elif augmentations is None:
-            augmentations = [T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)]
+            augmentations = [
+                T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
+            ]
         self.augmentations = T.AugmentationList(augmentations)
         crop = cfg.INPUT.CROP
         self.pad_size: Optional[Tuple[int, int]] = None
@@ -201,7 +214,9 @@ class SemSegDatasetMapper:
             )
         return image
 
-    def _check_label_size(self, label_file: str, label_hw: Tuple[int, int], image: np.ndarray):
+    def _check_label_size(
+        self, label_file: str, label_hw: Tuple[int, int], image: np.ndarray
+    ):
         if tuple(label_hw) != image.shape[:2]:
             raise LabelError(
                 f"label file {label_file} is {label_hw[0]}x{label_hw[1]} (HxW) but its image is "
@@ -225,8 +240,14 @@ class SemSegDatasetMapper:
         image, label = aug_input.image, aug_input.sem_seg
         if self.pad_size is not None:
             image = _pad_to(image, self.pad_size, self.pad_pixel)
-            label = _pad_to(label, self.pad_size, self.ignore_value) if label is not None else None
-        record["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+            label = (
+                _pad_to(label, self.pad_size, self.ignore_value)
+                if label is not None
+                else None
+            )
+        record["image"] = torch.as_tensor(
+            np.ascontiguousarray(image.transpose(2, 0, 1))
+        )
         if label is not None:
             record["sem_seg"] = torch.as_tensor(label.astype(np.int64))
         return record

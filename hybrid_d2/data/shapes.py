@@ -97,7 +97,14 @@ SEM_SEG_IGNORE_VALUE = 255
 KEYPOINT_CATEGORY = "star"
 KEYPOINT_DISTRACTORS = ["circle", "square", "triangle", "hexagon"]
 # Star tips clockwise from the top (viewer's left/right), then the centre.
-KEYPOINT_NAMES = ("top", "upper_right", "lower_right", "lower_left", "upper_left", "center")
+KEYPOINT_NAMES = (
+    "top",
+    "upper_right",
+    "lower_right",
+    "lower_left",
+    "upper_left",
+    "center",
+)
 KEYPOINT_FLIP_MAP = (("upper_left", "upper_right"), ("lower_left", "lower_right"))
 KEYPOINT_CONNECTION_RULES = [
     ("center", "top", (60, 180, 75)),
@@ -185,7 +192,9 @@ def _sample_outline(
     radius = rng.uniform(*spec.size_range) / 2
     max_rotation = UPRIGHT_MAX_ROTATION if spec.upright else np.pi
     angle = rng.uniform(-max_rotation, max_rotation)
-    rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    rotation = np.array(
+        [[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]
+    )
     points = _UNIT_OUTLINES[spec.category] @ rotation.T * radius + center
     return center, np.round(points).astype(np.int32)
 
@@ -212,13 +221,17 @@ def _is_well_visible(obj: _PlacedObject, id_map: np.ndarray) -> bool:
     area = int(visible.sum())
     if area < max(MIN_VISIBLE_PIXELS, MIN_VISIBLE_FRACTION * obj.drawn.sum()):
         return False
-    contours, hierarchy = cv2.findContours(visible, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+    contours, hierarchy = cv2.findContours(
+        visible, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE
+    )
     if (hierarchy[0][:, 3] != -1).any():  # a contour with a parent is a hole
         return False
     _, _, stats, _ = cv2.connectedComponentsWithStats(visible, connectivity=8)
     if (stats[1:, cv2.CC_STAT_AREA] < MIN_COMPONENT_PIXELS).any():
         return False
-    return all(len(contour) >= 3 for contour in contours)  # all outer contours: no holes
+    return all(
+        len(contour) >= 3 for contour in contours
+    )  # all outer contours: no holes
 
 
 def _layout(
@@ -240,7 +253,9 @@ def _layout(
             candidate = _PlacedObject(spec, len(objects) + 1, center, outline, drawn)
             candidate_map = np.where(drawn, candidate.index, id_map)
             placed = objects + [candidate]
-            if all(_is_well_visible(o, candidate_map) for o in placed if o.spec.annotated):
+            if all(
+                _is_well_visible(o, candidate_map) for o in placed if o.spec.annotated
+            ):
                 id_map, objects = candidate_map, placed
                 break
     return id_map, objects
@@ -273,7 +288,9 @@ def _render(
     for obj in objects:
         image[obj.drawn] = _contrasting_color(rng, background_mean)
     image += rng.normal(0, rng.uniform(2, 6), image.shape).astype(np.float32)
-    return _RenderedImage(np.clip(np.round(image), 0, 255).astype(np.uint8), id_map, objects)
+    return _RenderedImage(
+        np.clip(np.round(image), 0, 255).astype(np.uint8), id_map, objects
+    )
 
 
 # ---------------------------------------------------------------- annotations
@@ -285,7 +302,9 @@ def _instance_annotation(obj: _PlacedObject, id_map: np.ndarray) -> dict:
     ys, xs = np.nonzero(visible)
     x0, y0 = int(xs.min()), int(ys.min())
     # Polygons go through the centres of the boundary pixels.
-    polygons = [(polygon + 0.5).ravel().tolist() for polygon in _visible_polygons(visible)]
+    polygons = [
+        (polygon + 0.5).ravel().tolist() for polygon in _visible_polygons(visible)
+    ]
     return {
         "bbox": [x0, y0, int(xs.max()) - x0 + 1, int(ys.max()) - y0 + 1],
         "segmentation": polygons,
@@ -345,16 +364,24 @@ def _sem_seg_specs(rng: np.random.Generator, image_index: int) -> List[_ObjectSp
         _ObjectSpec(str(c), size_range=SEM_SEG_OBJECT_SIZE_RANGE)
         for c in rng.choice(SHAPE_CATEGORIES, size=count)
     ]
-    clutter = rng.integers(SEM_SEG_CLUTTER_PER_IMAGE[0], SEM_SEG_CLUTTER_PER_IMAGE[1] + 1)
-    return shapes + [_ObjectSpec(SEM_SEG_CLUTTER, annotated=False) for _ in range(clutter)]
+    clutter = rng.integers(
+        SEM_SEG_CLUTTER_PER_IMAGE[0], SEM_SEG_CLUTTER_PER_IMAGE[1] + 1
+    )
+    return shapes + [
+        _ObjectSpec(SEM_SEG_CLUTTER, annotated=False) for _ in range(clutter)
+    ]
 
 
 def _raw_sem_seg_label(rendered: _RenderedImage) -> np.ndarray:
     """ADE-style uint8 label: 1 + class index; 0 on clutter and on a band along every boundary
     between two regions (pixels whose 3x3 neighbourhood holds another region)."""
-    label = np.full(rendered.id_map.shape, SEM_SEG_CLASSES.index("background") + 1, np.uint8)
+    label = np.full(
+        rendered.id_map.shape, SEM_SEG_CLASSES.index("background") + 1, np.uint8
+    )
     for obj in rendered.objects:
-        value = SEM_SEG_CLASSES.index(obj.spec.category) + 1 if obj.spec.annotated else 0
+        value = (
+            SEM_SEG_CLASSES.index(obj.spec.category) + 1 if obj.spec.annotated else 0
+        )
         label[rendered.id_map == obj.index] = value
     ids = rendered.id_map.astype(np.float32)
     kernel = np.ones((3, 3), np.uint8)
@@ -377,7 +404,13 @@ class _Kind:
 _KINDS = {
     kind.name: kind
     for kind in [
-        _Kind("shapes", 1, "annotations/instances_{}.json", SHAPE_CATEGORIES, _instance_specs),
+        _Kind(
+            "shapes",
+            1,
+            "annotations/instances_{}.json",
+            SHAPE_CATEGORIES,
+            _instance_specs,
+        ),
         _Kind(
             "shapes_keypoints",
             2,
@@ -385,7 +418,13 @@ _KINDS = {
             [KEYPOINT_CATEGORY],
             _keypoint_specs,
         ),
-        _Kind("shapes_lvis", 3, "annotations/lvis_v1_{}.json", LVIS_CATEGORIES, _lvis_specs),
+        _Kind(
+            "shapes_lvis",
+            3,
+            "annotations/lvis_v1_{}.json",
+            LVIS_CATEGORIES,
+            _lvis_specs,
+        ),
     ]
 }
 SPLITS = tuple(SPLIT_SIZES)
@@ -393,7 +432,9 @@ SHAPES_DATASET_NAMES = [f"{kind}_{split}" for kind in _KINDS for split in SPLITS
 _SEM_SEG_KIND = _Kind("shapes_sem_seg", 4, "", SEM_SEG_CLASSES, _sem_seg_specs)
 SHAPES_SEM_SEG_DATASET_NAMES = [f"{_SEM_SEG_KIND.name}_{split}" for split in SPLITS]
 _ALL_KINDS = {**_KINDS, _SEM_SEG_KIND.name: _SEM_SEG_KIND}
-_ADE_SPLIT_DIRS = dict(zip(SPLITS, ADE20K_SPLITS))  # train -> training, val -> validation
+_ADE_SPLIT_DIRS = dict(
+    zip(SPLITS, ADE20K_SPLITS)
+)  # train -> training, val -> validation
 
 
 def _render_split(
@@ -449,7 +490,10 @@ def _coco_split(kind: _Kind, split: str, dataset_dir: Path) -> dict:
                 annotation["num_keypoints"] = sum(v > 0 for v in keypoints[2::3])
             annotations.append(annotation)
     return {
-        "info": {"description": f"hybrid_d2 {kind.name} {split}", "version": FORMAT_VERSION},
+        "info": {
+            "description": f"hybrid_d2 {kind.name} {split}",
+            "version": FORMAT_VERSION,
+        },
         "licenses": [],
         "images": images,
         "annotations": annotations,
@@ -488,7 +532,9 @@ def _lvis_categories(train: dict) -> List[dict]:
     num_images = len(train["images"])
     categories = []
     for category_id, name in enumerate(LVIS_CATEGORIES, start=1):
-        annotations = [a for a in train["annotations"] if a["category_id"] == category_id]
+        annotations = [
+            a for a in train["annotations"] if a["category_id"] == category_id
+        ]
         image_count = len({a["image_id"] for a in annotations})
         if image_count <= LVIS_RARE_MAX_IMAGE_FRACTION * num_images:
             frequency = "r"
@@ -509,7 +555,9 @@ def _lvis_categories(train: dict) -> List[dict]:
             }
         )
     if {c["frequency"] for c in categories} != {"r", "c", "f"}:
-        raise RuntimeError(f"shapes_lvis frequency groups are not all populated: {categories}")
+        raise RuntimeError(
+            f"shapes_lvis frequency groups are not all populated: {categories}"
+        )
     return categories
 
 
@@ -544,7 +592,11 @@ def _write_dataset(kind: _Kind, dataset_dir: Path) -> None:
     if kind.name == _SEM_SEG_KIND.name:
         splits = {split: _sem_seg_split(kind, split, dataset_dir) for split in SPLITS}
         convert_ade20k_annotations(dataset_dir, num_classes=len(SEM_SEG_CLASSES))
-        manifest = {"generator": __name__, "format_version": FORMAT_VERSION, "splits": splits}
+        manifest = {
+            "generator": __name__,
+            "format_version": FORMAT_VERSION,
+            "splits": splits,
+        }
         _write_json(manifest, dataset_dir / MANIFEST_NAME)
         return
     if kind.name == "shapes_lvis":
@@ -589,12 +641,17 @@ def _validate(kind: _Kind, dataset_dir: Path) -> None:
         ) from error
     splits = manifest.get("splits", {})
     expected_counts = {split: splits.get(split, {}).get("images") for split in SPLITS}
-    if manifest.get("format_version") != FORMAT_VERSION or expected_counts != SPLIT_SIZES:
+    if (
+        manifest.get("format_version") != FORMAT_VERSION
+        or expected_counts != SPLIT_SIZES
+    ):
         raise IncompleteDatasetError(
             f"{dataset_dir} was generated by another version of {__name__} "
             f"(format {manifest.get('format_version')}, images {expected_counts}). {advice}"
         )
-    missing = _missing_sem_seg_files(dataset_dir) if kind.name == _SEM_SEG_KIND.name else []
+    missing = (
+        _missing_sem_seg_files(dataset_dir) if kind.name == _SEM_SEG_KIND.name else []
+    )
     for split in SPLITS if kind.name != _SEM_SEG_KIND.name else ():
         json_file = dataset_dir / kind.json_pattern.format(split)
         if not json_file.is_file():
@@ -602,7 +659,9 @@ def _validate(kind: _Kind, dataset_dir: Path) -> None:
         image_dir = dataset_dir / split
         num_images = len(list(image_dir.glob("*.png"))) if image_dir.is_dir() else 0
         if num_images != SPLIT_SIZES[split]:
-            missing.append(f"{image_dir} ({num_images} of {SPLIT_SIZES[split]} PNG images)")
+            missing.append(
+                f"{image_dir} ({num_images} of {SPLIT_SIZES[split]} PNG images)"
+            )
     if missing:
         raise IncompleteDatasetError(
             f"{dataset_dir} is incomplete, missing: {', '.join(missing)}. {advice}"
@@ -614,11 +673,17 @@ def _missing_sem_seg_files(dataset_dir: Path) -> List[str]:
     missing = []
     for split in SPLITS:
         ade_split = _ADE_SPLIT_DIRS[split]
-        for folder, ext in (("images", "jpg"), (RAW_DIR, "png"), (CONVERTED_DIR, "png")):
+        for folder, ext in (
+            ("images", "jpg"),
+            (RAW_DIR, "png"),
+            (CONVERTED_DIR, "png"),
+        ):
             path = dataset_dir / folder / ade_split
             count = len(list(path.glob(f"*.{ext}"))) if path.is_dir() else 0
             if count != SPLIT_SIZES[split]:
-                missing.append(f"{path} ({count} of {SPLIT_SIZES[split]} {ext.upper()} files)")
+                missing.append(
+                    f"{path} ({count} of {SPLIT_SIZES[split]} {ext.upper()} files)"
+                )
     return missing
 
 
@@ -649,7 +714,9 @@ def _generate(kind: _Kind, target: Path) -> None:
         if _is_stale_temp_dir(leftover, kind):
             shutil.rmtree(leftover, ignore_errors=True)
     # Not tempfile.mkdtemp: its 0o700 mode would stay on the renamed, maybe shared, dataset.
-    temp_dir = target.parent / f"{_temp_prefix(kind)}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    temp_dir = (
+        target.parent / f"{_temp_prefix(kind)}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    )
     temp_dir.mkdir()
     try:
         _write_dataset(kind, temp_dir)
@@ -670,7 +737,9 @@ _registered_roots: Dict[str, str] = {}
 
 def _kind_of(name_or_kind: str) -> _Kind:
     for kind in _ALL_KINDS.values():
-        if name_or_kind == kind.name or name_or_kind in (f"{kind.name}_{s}" for s in SPLITS):
+        if name_or_kind == kind.name or name_or_kind in (
+            f"{kind.name}_{s}" for s in SPLITS
+        ):
             return kind
     known = SHAPES_DATASET_NAMES + SHAPES_SEM_SEG_DATASET_NAMES
     raise KeyError(f"{name_or_kind!r} is not a shapes dataset; known: {known}")
@@ -734,7 +803,9 @@ def _lazy_loader(
         if kind.name == "shapes_lvis":
             counts = _read_manifest(dataset_dir)["class_image_count"]
             for split in SPLITS:
-                MetadataCatalog.get(f"{kind.name}_{split}").set(class_image_count=counts)
+                MetadataCatalog.get(f"{kind.name}_{split}").set(
+                    class_image_count=counts
+                )
         return load()
 
     return ensure_and_load
@@ -762,7 +833,9 @@ def _register_sem_seg(split: str, root: str) -> None:
     dataset_dir = Path(root) / _SEM_SEG_KIND.name
 
     def ensure_and_load() -> List[dict]:
-        return _load_sem_seg_records(ensure_shapes_dataset(_SEM_SEG_KIND.name, root), split)
+        return _load_sem_seg_records(
+            ensure_shapes_dataset(_SEM_SEG_KIND.name, root), split
+        )
 
     DatasetCatalog.register(name, ensure_and_load)
     MetadataCatalog.get(name).set(

@@ -80,7 +80,9 @@ def parse_train_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace
         else:
             opts.append(token)
     if len(opts) % 2:
-        parser.error(f"the overrides must be KEY VALUE pairs, got an odd number: {opts}")
+        parser.error(
+            f"the overrides must be KEY VALUE pairs, got an odd number: {opts}"
+        )
     args.opts = opts
     return args
 
@@ -97,7 +99,9 @@ def build_config(args: argparse.Namespace) -> CfgNode:
     return cfg
 
 
-def launch_checked(main: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> int:
+def launch_checked(
+    main: Callable[[argparse.Namespace], Any], args: argparse.Namespace
+) -> int:
     """Check the config and OUTPUT_DIR (one line and exit status 2 on a problem; a warning for an
     evaluation without weights), hold OUTPUT_DIR for this run, then run ``main(args)`` in its
     processes (:func:`launch_workers`)."""
@@ -165,7 +169,9 @@ def _check_writable_dir(path: str) -> None:
             pass
         os.unlink(probe)
     except OSError as e:
-        raise UsageError(f"OUTPUT_DIR {path!r} cannot be written: {e.strerror or e}") from e
+        raise UsageError(
+            f"OUTPUT_DIR {path!r} cannot be written: {e.strerror or e}"
+        ) from e
 
 
 class OutputDirLock:
@@ -195,14 +201,18 @@ class OutputDirLock:
             self._file.close()
 
 
-def launch_workers(main: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> int:
+def launch_workers(
+    main: Callable[[argparse.Namespace], Any], args: argparse.Namespace
+) -> int:
     """Run ``main(args)`` in ``args.num_gpus`` processes per machine with Detectron2's ``launch``.
 
     Each spawned process dies with this one (even when this one is killed with SIGKILL). A
     :data:`USER_ERRORS` error in a process is printed in one line. Returns the exit status (2 for
     such an error).
     """
-    spawned = args.num_gpus * args.num_machines > 1  # Detectron2's launch spawns processes
+    spawned = (
+        args.num_gpus * args.num_machines > 1
+    )  # Detectron2's launch spawns processes
     try:
         launch(
             _worker,
@@ -244,7 +254,9 @@ def _die_with(launcher_pid: int) -> None:
     """Have the kernel kill this process when its parent (the launcher) dies, even by SIGKILL."""
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
-        logger.warning("prctl(PR_SET_PDEATHSIG) failed: this process may outlive its launcher")
+        logger.warning(
+            "prctl(PR_SET_PDEATHSIG) failed: this process may outlive its launcher"
+        )
     if os.getppid() != launcher_pid:  # the launcher died before the prctl
         os._exit(1)
 

@@ -15,7 +15,8 @@ class SafePredictor(DefaultPredictor):
     """Detectron2's ``DefaultPredictor`` (BGR image in, ``{"instances": ...}`` out), loading
     ``cfg.MODEL.WEIGHTS`` through :class:`SafeCheckpointer` as ``train_net.py`` does: a checkpoint
     of another variant or family is refused (``CheckpointMismatchError``), a file that is not a
-    checkpoint raises ``CheckpointLoadError``, and nothing is unpickled that could run code."""
+    checkpoint raises ``CheckpointLoadError``, and nothing is unpickled that could run code.
+    """
 
     def __init__(self, cfg: CfgNode):  # DefaultPredictor.__init__ with SafeCheckpointer
         self.cfg = cfg.clone()
@@ -29,4 +30,6 @@ class SafePredictor(DefaultPredictor):
         )
         self.input_format = cfg.INPUT.FORMAT
         if self.input_format not in ("RGB", "BGR"):
-            raise ValueError(f"INPUT.FORMAT={self.input_format!r}: expected 'RGB' or 'BGR'")
+            raise ValueError(
+                f"INPUT.FORMAT={self.input_format!r}: expected 'RGB' or 'BGR'"
+            )

@@ -76,7 +76,10 @@ def distributed_flags(env: submitit.JobEnvironment) -> List[str]:
     local port themselves."""
     if env.num_tasks == 1:
         return []
-    port = _PORT_BASE + zlib.crc32(f"{env.job_id}:{_restart_count()}".encode()) % _PORT_RANGE
+    port = (
+        _PORT_BASE
+        + zlib.crc32(f"{env.job_id}:{_restart_count()}".encode()) % _PORT_RANGE
+    )
     return [
         "--num-machines",
         str(env.num_tasks),
@@ -117,13 +120,18 @@ class TrainingJob:
     def __call__(self) -> int:
         """Run train_net.py; returns 0, raises RuntimeError with its exit status otherwise."""
         env = submitit.JobEnvironment()
-        self._request = os.path.join(env.paths.folder, f"{env.job_id}_preemption_request")
+        self._request = os.path.join(
+            env.paths.folder, f"{env.job_id}_preemption_request"
+        )
         if env.global_rank == 0:
             for path in (self._request, self._request + _ACK_SUFFIX):
                 if os.path.exists(path):
                     os.unlink(path)
         command = [sys.executable, self.script, *distributed_flags(env), *self.argv]
-        print(f"Task {env.global_rank} of job {env.job_id}: {' '.join(command)}", flush=True)
+        print(
+            f"Task {env.global_rank} of job {env.job_id}: {' '.join(command)}",
+            flush=True,
+        )
         self._child = subprocess.Popen(
             command,
             env=dict(os.environ, **{PREEMPTION_REQUEST_VARIABLE: self._request}),
@@ -131,7 +139,9 @@ class TrainingJob:
         )
         status = self._child.wait()
         if status != 0:
-            raise RuntimeError(f"train_net.py exited with status {status}: {' '.join(command)}")
+            raise RuntimeError(
+                f"train_net.py exited with status {status}: {' '.join(command)}"
+            )
         return status
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> DelayedSubmission:
@@ -145,7 +155,10 @@ class TrainingJob:
             if os.path.exists(ack):
                 with open(ack) as f:
                     iteration = f.read().strip()
-                print(f"Checkpoint saved after iteration {iteration}; requeuing", flush=True)
+                print(
+                    f"Checkpoint saved after iteration {iteration}; requeuing",
+                    flush=True,
+                )
         argv = self.argv if "--resume" in self.argv else ["--resume", *self.argv]
         return DelayedSubmission(TrainingJob(self.script, argv))
 
@@ -179,7 +192,9 @@ class PreemptionCheckpointer(HookBase):
 
     def before_train(self):
         if comm.get_world_size() > 1:
-            self._group = dist.new_group(backend="gloo")  # a CPU flag, whatever the backend
+            self._group = dist.new_group(
+                backend="gloo"
+            )  # a CPU flag, whatever the backend
 
     def after_step(self):
         iteration = self.trainer.iter
@@ -190,8 +205,12 @@ class PreemptionCheckpointer(HookBase):
             return
         self.trainer.running_states = comm.all_gather(running_state(self.trainer.model))
         if comm.is_main_process():
-            self.trainer.checkpointer.save(f"model_{iteration:07d}", iteration=iteration)
-            with atomic_output(self._request + _ACK_SUFFIX) as tmp_path, open(tmp_path, "w") as f:
+            self.trainer.checkpointer.save(
+                f"model_{iteration:07d}", iteration=iteration
+            )
+            with atomic_output(self._request + _ACK_SUFFIX) as tmp_path, open(
+                tmp_path, "w"
+            ) as f:
                 f.write(f"{iteration}\n")
         logger.info(f"Preempted: stopping after iteration {iteration}")
         raise Preempted(iteration)
@@ -233,14 +252,21 @@ def submit(
             "each must be at least 1"
         )
     if gpus_per_node % tasks_per_node:
-        raise ValueError(f"gpus_per_node={gpus_per_node} is not a multiple of tasks_per_node")
+        raise ValueError(
+            f"gpus_per_node={gpus_per_node} is not a multiple of tasks_per_node"
+        )
     if tasks_per_node > 1 and not cpu:
         raise ValueError(
             "tasks_per_node > 1 is for CPU runs (--cpu): GPU runs take one task per node, "
             "Detectron2's launch starts one process per GPU"
         )
-    if any(flag in train_argv for flag in ("--num-machines", "--machine-rank", "--dist-url")):
-        raise ValueError("--num-machines, --machine-rank and --dist-url are set for each task")
+    if any(
+        flag in train_argv
+        for flag in ("--num-machines", "--machine-rank", "--dist-url")
+    ):
+        raise ValueError(
+            "--num-machines, --machine-rank and --dist-url are set for each task"
+        )
     if script is None:
         script = os.path.join(os.path.dirname(__file__), "..", "..", "train_net.py")
     processes = gpus_per_node // tasks_per_node
@@ -269,20 +295,38 @@ def parse_submit_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespac
         description="Submit train_net.py to SLURM (submitit); see README, 'On a SLURM cluster'.",
         usage="%(prog)s [submit flags] --config-file FILE [--resume] [KEY VALUE ...]",
     )
-    parser.add_argument("--job-dir", required=True, help="submitit's folder: logs, pickles")
-    parser.add_argument("--nodes", type=int, default=1)
-    parser.add_argument("--gpus-per-node", type=int, default=8, help="processes per node")
-    parser.add_argument("--cpu", action="store_true", help="CPU processes (gloo), no GPUs")
     parser.add_argument(
-        "--tasks-per-node", type=int, default=1, help="with --cpu: machines per node (tests)"
+        "--job-dir", required=True, help="submitit's folder: logs, pickles"
+    )
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument(
+        "--gpus-per-node", type=int, default=8, help="processes per node"
+    )
+    parser.add_argument(
+        "--cpu", action="store_true", help="CPU processes (gloo), no GPUs"
+    )
+    parser.add_argument(
+        "--tasks-per-node",
+        type=int,
+        default=1,
+        help="with --cpu: machines per node (tests)",
     )
     parser.add_argument("--partition", help="SLURM partition")
-    parser.add_argument("--timeout", type=int, default=4320, help="minutes per job (requeued)")
     parser.add_argument(
-        "--signal-delay", type=int, default=120, help="seconds between the signal and the kill"
+        "--timeout", type=int, default=4320, help="minutes per job (requeued)"
     )
-    parser.add_argument("--cpus-per-task", type=int, help="default: 10 per GPU, 1 per CPU process")
-    parser.add_argument("--cluster", choices=["slurm", "local"], help="default: slurm if found")
+    parser.add_argument(
+        "--signal-delay",
+        type=int,
+        default=120,
+        help="seconds between the signal and the kill",
+    )
+    parser.add_argument(
+        "--cpus-per-task", type=int, help="default: 10 per GPU, 1 per CPU process"
+    )
+    parser.add_argument(
+        "--cluster", choices=["slurm", "local"], help="default: slurm if found"
+    )
     args, train_argv = parser.parse_known_args(argv)
     if "--config-file" not in train_argv:
         parser.error("--config-file FILE is required (train_net.py's)")

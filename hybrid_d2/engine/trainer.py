@@ -11,7 +11,13 @@ from typing import Dict, List, Optional
 import torch
 from detectron2.config import CfgNode
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, hooks
+from detectron2.engine import (
+    AMPTrainer,
+    DefaultTrainer,
+    SimpleTrainer,
+    TrainerBase,
+    hooks,
+)
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 from detectron2.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
@@ -66,18 +72,26 @@ class Trainer(DefaultTrainer):
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg, seed=self.seed)
         if comm.get_world_size() > 1:
-            device_ids = [comm.get_local_rank()] if model.device.type == "cuda" else None
-            model = DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+            device_ids = (
+                [comm.get_local_rank()] if model.device.type == "cuda" else None
+            )
+            model = DistributedDataParallel(
+                model, device_ids=device_ids, broadcast_buffers=False
+            )
         trainer_cls = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
         self._trainer = trainer_cls(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = SafeCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.checkpointer = SafeCheckpointer(
+            model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+        )
         if comm.is_main_process():
             self.checkpointer.remove_stale_temp_files()
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
-        self._failed_iter: Optional[int] = None  # the iteration being run, until it completed
+        self._failed_iter: Optional[int] = (
+            None  # the iteration being run, until it completed
+        )
         # every rank's running_state (e.g. RetinaNet's loss normalizer) at the last checkpoint
         self.running_states: Optional[List[Dict[str, float]]] = None
         self.register_hooks(self.build_hooks())
@@ -87,7 +101,9 @@ class Trainer(DefaultTrainer):
         super().resume_or_load(resume=resume)
         if hasattr(self.data_loader, "seek"):
             self.data_loader.seek(self.start_iter, self.seed)
-            logger.info(f"Training stream of seed {self.seed} from iteration {self.start_iter}")
+            logger.info(
+                f"Training stream of seed {self.seed} from iteration {self.start_iter}"
+            )
         elif self.start_iter > 0:
             logger.warning(
                 f"Resuming at iteration {self.start_iter} with a data loader that cannot seek: "
@@ -102,7 +118,9 @@ class Trainer(DefaultTrainer):
         function after its first calls, which changes its rounding, so that a resumed run would
         compute its first iterations differently from the uninterrupted run."""
         final = os.path.join(self.cfg.OUTPUT_DIR, "model_final.pth")
-        finished = self.start_iter >= self.max_iter and self.checkpointer.has_checkpoint()
+        finished = (
+            self.start_iter >= self.max_iter and self.checkpointer.has_checkpoint()
+        )
         if finished and comm.is_main_process() and not os.path.exists(final):
             self.checkpointer.save("model_final", iteration=self.iter)
         with torch.jit.optimized_execution(False):
@@ -121,7 +139,9 @@ class Trainer(DefaultTrainer):
             self.running_states = state_dict["running_states"]
             restore_running_states(self.model, self.running_states)
         if "seed" not in state_dict:
-            logger.warning(f"The checkpoint has no seed; resuming with seed {self.seed}.")
+            logger.warning(
+                f"The checkpoint has no seed; resuming with seed {self.seed}."
+            )
             return
         if self.cfg.SEED >= 0 and state_dict["seed"] != self.cfg.SEED:
             logger.warning(
@@ -140,7 +160,9 @@ class Trainer(DefaultTrainer):
 
     def after_train(self):
         if self._failed_iter is not None:
-            self.checkpointer.disable_saving(f"training failed at iteration {self._failed_iter}")
+            self.checkpointer.disable_saving(
+                f"training failed at iteration {self._failed_iter}"
+            )
         super().after_train()
 
     def build_hooks(self):
@@ -155,11 +177,13 @@ class Trainer(DefaultTrainer):
         cfg.DATALOADER.NUM_WORKERS = 0  # save some memory and time for PreciseBN
         precise_bn = None
         if cfg.TEST.PRECISE_BN.ENABLED and get_bn_modules(self.model):
-            precise_bn = hooks.PreciseBN(  # before evaluation and checkpointing, as Detectron2
-                cfg.TEST.EVAL_PERIOD,
-                self.model,
-                self.build_train_loader(cfg, seed=self.seed),
-                cfg.TEST.PRECISE_BN.NUM_ITER,
+            precise_bn = (
+                hooks.PreciseBN(  # before evaluation and checkpointing, as Detectron2
+                    cfg.TEST.EVAL_PERIOD,
+                    self.model,
+                    self.build_train_loader(cfg, seed=self.seed),
+                    cfg.TEST.PRECISE_BN.NUM_ITER,
+                )
             )
         ret = [StepSeeder(), hooks.IterationTimer(), hooks.LRScheduler(), precise_bn]
         ret.append(hooks.EvalHook(cfg.TEST.EVAL_PERIOD, self._test_and_save_results))
@@ -167,13 +191,23 @@ class Trainer(DefaultTrainer):
             ret.append(hooks.EvalHook(0, self._test_with_tta))
         ret.append(RunningStateGatherer(cfg.SOLVER.CHECKPOINT_PERIOD, self.max_iter))
         if comm.is_main_process():
-            ret.append(hooks.PeriodicWriter(self.build_writers(), period=cfg.SOLVER.WRITER_PERIOD))
-            ret.append(hooks.PeriodicCheckpointer(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD))
+            ret.append(
+                hooks.PeriodicWriter(
+                    self.build_writers(), period=cfg.SOLVER.WRITER_PERIOD
+                )
+            )
+            ret.append(
+                hooks.PeriodicCheckpointer(
+                    self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD
+                )
+            )
         return ret
 
     def _test_and_save_results(self):
         if self._failed_iter is not None:
-            logger.warning(f"Not evaluating: training failed at iteration {self._failed_iter}")
+            logger.warning(
+                f"Not evaluating: training failed at iteration {self._failed_iter}"
+            )
             return {}
         self._last_eval_results = self.test(self.cfg, self.model)
         return self._last_eval_results
@@ -205,7 +239,9 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        output_folder = output_folder or os.path.join(
+            cfg.OUTPUT_DIR, "inference", dataset_name
+        )
         return build_evaluator(cfg, dataset_name, output_folder)
 
     @classmethod
@@ -219,7 +255,8 @@ class Trainer(DefaultTrainer):
     @classmethod
     def test_with_TTA(cls, cfg, model) -> OrderedDict:
         """Multi-scale + flip test of a semantic segmentation model (``TEST.AUG``), each scale
-        resized from the original image; results keyed ``<task>_TTA`` (e.g. ``sem_seg_TTA``)."""
+        resized from the original image; results keyed ``<task>_TTA`` (e.g. ``sem_seg_TTA``).
+        """
         tta_model = SemanticSegmentorWithTTA(cfg, model)
         original = SemSegDatasetMapper(cfg, is_train=False, augmentations=[])
         results = OrderedDict()
@@ -228,9 +265,13 @@ class Trainer(DefaultTrainer):
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference_TTA", name)
             evaluator = cls.build_evaluator(cfg, name, output_folder=output_folder)
             result = inference_on_dataset(tta_model, loader, evaluator)
-            results[name] = OrderedDict((f"{task}_TTA", value) for task, value in result.items())
+            results[name] = OrderedDict(
+                (f"{task}_TTA", value) for task, value in result.items()
+            )
             if comm.is_main_process():
-                logger.info(f"Multi-scale + flip evaluation results for {name} in csv format:")
+                logger.info(
+                    f"Multi-scale + flip evaluation results for {name} in csv format:"
+                )
                 print_csv_format(results[name])
         return list(results.values())[0] if len(results) == 1 else results
 
@@ -254,7 +295,9 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
-        return build_detection_test_loader(cfg, dataset_name, mapper=_mapper(cfg, is_train=False))
+        return build_detection_test_loader(
+            cfg, dataset_name, mapper=_mapper(cfg, is_train=False)
+        )
 
 
 def _mapper(cfg: CfgNode, is_train: bool):

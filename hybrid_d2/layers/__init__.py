@@ -18,7 +18,12 @@ from .stage import Stage, checkpointed, to_channels_first, to_channels_last
 from .registration import FAMILIES, add_family_config, register_family
 from .norm import FrozenStatsBatchNorm2d, get_norm, inference_affine, norm_for_device
 from .window_masks import window_attention_mask
-from .windows import pad_to_multiple, relative_position_index, window_partition, window_reverse
+from .windows import (
+    pad_to_multiple,
+    relative_position_index,
+    window_partition,
+    window_reverse,
+)
 
 __all__ = [
     "FAMILIES",

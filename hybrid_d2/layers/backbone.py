@@ -78,11 +78,15 @@ class PyramidBackbone(Backbone):
         self.options = family.resolve_options(options)
         if "depths" in config:
             self.depths = tuple(config["depths"])
-        self.net = family.build_network(variant, drop_path_rate, use_checkpoint, self.options)
+        self.net = family.build_network(
+            variant, drop_path_rate, use_checkpoint, self.options
+        )
         output_norm = family.output_norm if output_norm is None else output_norm
         self._init_outputs(out_features, output_norm, freeze_at)
 
-    def _init_outputs(self, out_features: Sequence[str], output_norm: bool, freeze_at: int) -> None:
+    def _init_outputs(
+        self, out_features: Sequence[str], output_norm: bool, freeze_at: int
+    ) -> None:
         """Set the output names/strides/channels, the output norms, and freeze."""
         unknown = [name for name in out_features if name not in FEATURE_NAMES]
         if unknown or not out_features:
@@ -90,7 +94,9 @@ class PyramidBackbone(Backbone):
                 f"out_features {list(out_features)}: expected names from {FEATURE_NAMES}"
             )
         self._out_features = list(out_features)
-        self._out_feature_strides = {name: 2 ** (i + 2) for i, name in enumerate(FEATURE_NAMES)}
+        self._out_feature_strides = {
+            name: 2 ** (i + 2) for i, name in enumerate(FEATURE_NAMES)
+        }
         self._out_feature_channels = dict(zip(FEATURE_NAMES, self.net.channels))
         self.output_norms = None
         if output_norm:
@@ -120,7 +126,9 @@ class PyramidBackbone(Backbone):
             return self.family.frozen_modules(self, freeze_at)
         stem, stages = self.family.stem_and_stages(self.net)
         frozen = [stem] if freeze_at >= 1 else []
-        last = freeze_at - 2  # the last frozen stage; its downsampling feeds a trainable stage
+        last = (
+            freeze_at - 2
+        )  # the last frozen stage; its downsampling feeds a trainable stage
         for i, stage in enumerate(stages[: max(freeze_at - 1, 0)]):
             whole = i < last or stage.downsample is None
             frozen.append(stage if whole else stage.blocks)
@@ -133,7 +141,9 @@ class PyramidBackbone(Backbone):
         and frozen modules stay in eval mode (no drop path, no dropout) whatever ``train()`` asks.
         """
         if not 0 <= freeze_at <= len(FEATURE_NAMES) + 1:
-            raise ValueError(f"freeze_at={freeze_at}: expected 0 ... {len(FEATURE_NAMES) + 1}")
+            raise ValueError(
+                f"freeze_at={freeze_at}: expected 0 ... {len(FEATURE_NAMES) + 1}"
+            )
         self._frozen = self.frozen_modules(freeze_at)
         for module in self._frozen:
             for param in module.parameters():
@@ -157,5 +167,7 @@ class PyramidBackbone(Backbone):
         outputs = {}
         for name, feature in zip(FEATURE_NAMES, self.net(x)):
             if name in self._out_features:
-                outputs[name] = self.output_norms[name](feature) if self.output_norms else feature
+                outputs[name] = (
+                    self.output_norms[name](feature) if self.output_norms else feature
+                )
         return outputs

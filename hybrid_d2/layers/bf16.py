@@ -23,12 +23,16 @@ def cpu_bfloat16_in_use(x: torch.Tensor) -> bool:
         return False
     if x.dtype == torch.bfloat16:
         return True
-    return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    return (
+        torch.is_autocast_enabled("cpu")
+        and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    )
 
 
 class SmallMapSafeConv2d(nn.Conv2d):
     """``nn.Conv2d`` (same parameters and state-dict keys) that computes in float32, and returns
-    bfloat16, when CPU bfloat16 would produce a map with a side of at most SMALL_MAP_SIDE."""
+    bfloat16, when CPU bfloat16 would produce a map with a side of at most SMALL_MAP_SIDE.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not cpu_bfloat16_in_use(x) or min(self.output_size(x)) > SMALL_MAP_SIDE:

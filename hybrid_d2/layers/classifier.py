@@ -31,7 +31,10 @@ __all__ = [
 ]
 
 MODEL_PREFIX = "hybrid_"  # timm has no model of that name: ours never shadow timm's
-GLOBAL_POOLS = ("avg", "")  # timm's global_pool values the classifiers take: average, none
+GLOBAL_POOLS = (
+    "avg",
+    "",
+)  # timm's global_pool values the classifiers take: average, none
 NUM_FEATURE_MAPS = 4  # the trunk's outputs: strides 4, 8, 16, 32
 
 
@@ -43,7 +46,9 @@ def model_name(family: str, variant: str) -> str:
 def check_in_chans(in_chans: int, family: str) -> None:
     """The trunks take RGB only; timm's scripts pass ``in_chans``."""
     if in_chans != 3:
-        raise ValueError(f"{family} classifiers take 3 input channels, got in_chans={in_chans}")
+        raise ValueError(
+            f"{family} classifiers take 3 input channels, got in_chans={in_chans}"
+        )
 
 
 def check_global_pool(global_pool: str, num_classes: int) -> None:
@@ -80,7 +85,9 @@ class ClassifierMixin:
 
     TAIL: Tuple[str, ...] = ()
     FEATURE_MODULES: Optional[Tuple[str, ...]] = None
-    NETWORK_DEFAULTS: Dict[str, Any] = {"norm": "BN"}  # every BatchNorm with batch statistics
+    NETWORK_DEFAULTS: Dict[str, Any] = {
+        "norm": "BN"
+    }  # every BatchNorm with batch statistics
     family: Any  # the family's BackboneFamily
 
     def __init__(
@@ -118,21 +125,29 @@ class ClassifierMixin:
         self._init_head(num_features, num_classes, drop_rate)
         self.feature_info = self._feature_info()
 
-    def _init_tail(self, variant: str, drop_path_rate: float, settings: Dict[str, Any]) -> int:
+    def _init_tail(
+        self, variant: str, drop_path_rate: float, settings: Dict[str, Any]
+    ) -> int:
         """Build the modules between the network and the pool (``settings``: the network's
         keyword arguments); return the pooled width."""
         raise NotImplementedError
 
     def _init_head(self, num_features: int, num_classes: int, drop_rate: float) -> None:
         self.num_features = num_features
-        self.head_hidden_size = num_features  # timm: the width of forward_head(pre_logits=True)
+        self.head_hidden_size = (
+            num_features  # timm: the width of forward_head(pre_logits=True)
+        )
         self.num_classes = num_classes
         self.drop_rate = drop_rate
         self.head_drop = nn.Dropout(drop_rate)
         self.head = self._new_classifier(num_classes)
 
     def _new_classifier(self, num_classes: int) -> nn.Module:
-        head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        head = (
+            nn.Linear(self.num_features, num_classes)
+            if num_classes > 0
+            else nn.Identity()
+        )
         head.apply(self._init_weights)
         return head
 
@@ -141,7 +156,9 @@ class ClassifierMixin:
         modules = self.FEATURE_MODULES
         if modules is None:
             names = {id(module): name for name, module in self.named_modules()}
-            modules = tuple(names[id(stage)] for stage in self.family.stem_and_stages(self)[1])
+            modules = tuple(
+                names[id(stage)] for stage in self.family.stem_and_stages(self)[1]
+            )
         return [
             dict(num_chs=channels, reduction=2 ** (i + 2), module=module)
             for i, (channels, module) in enumerate(zip(self.channels, modules))
@@ -206,7 +223,9 @@ class ClassifierMixin:
     def get_classifier(self) -> nn.Module:
         return self.head
 
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+    def reset_classifier(
+        self, num_classes: int, global_pool: Optional[str] = None
+    ) -> None:
         """A fresh classifier for ``num_classes`` (0: pooled features); ``global_pool``: "avg",
         or "" with 0 classes for the unpooled map; None keeps the current one."""
         self._set_global_pool(num_classes, global_pool)
@@ -227,7 +246,9 @@ class ClassifierMixin:
 def _entrypoint(cls: Type[nn.Module], name: str, variant: str, module: str) -> Callable:
     def create(pretrained: bool = False, **kwargs: Any) -> nn.Module:
         # features_only: timm's FeatureGetterNet over forward_intermediates, all four maps
-        features = dict(feature_cls="getter", out_indices=tuple(range(NUM_FEATURE_MAPS)))
+        features = dict(
+            feature_cls="getter", out_indices=tuple(range(NUM_FEATURE_MAPS))
+        )
         return build_model_with_cfg(
             partial(cls, variant), name, pretrained, feature_cfg=features, **kwargs
         )
@@ -264,7 +285,9 @@ def register_classifiers(
     variants = list(variants)
     names = [model_name(family, v) for v in variants]
     target = sys.modules[module]
-    target.default_cfgs = generate_default_cfgs({name: {**base, **cfg} for name in names})
+    target.default_cfgs = generate_default_cfgs(
+        {name: {**base, **cfg} for name in names}
+    )
     for name, variant in zip(names, variants):
         entrypoint = _entrypoint(cls, name, variant, module)
         setattr(target, name, entrypoint)

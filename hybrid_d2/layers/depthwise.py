@@ -43,9 +43,11 @@ class _DepthwiseConv(torch.autograd.Function):
     ):
         ctx.save_for_backward(x, weight)
         ctx.has_bias, ctx.dilation = bias is not None, d
-        pad = weight.shape[-1] // 2
-        out = F.conv2d(_to_subgrids(x, d), weight, bias, padding=pad, groups=x.shape[1])
-        return _from_subgrids(out, d, x.shape[-2:])
+        pad, layout = weight.shape[-1] // 2, _layout(x)
+        out = F.conv2d(
+            _to_subgrids(x, d, layout), weight, bias, padding=pad, groups=x.shape[1]
+        )
+        return _from_subgrids(out, d, x.shape[-2:], layout)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -57,7 +59,7 @@ class _DepthwiseConv(torch.autograd.Function):
             # the transpose of a stride-1 "same" correlation: correlate with the turned kernel
             turned = weight.flip(-1, -2).contiguous(memory_format=torch.channels_last)
             grad_x = F.conv2d(grad_out, turned, padding=pad, groups=x.shape[1])
-            grad_x = _from_subgrids(grad_x, d, x.shape[-2:])
+            grad_x = _from_subgrids(grad_x, d, x.shape[-2:], _layout(x))
         if ctx.needs_input_grad[1]:
             subgrids = _to_subgrids(x, d, torch.channels_last)
             grad_weight = torch.nn.grad.conv2d_weight(
@@ -68,15 +70,22 @@ class _DepthwiseConv(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None
 
 
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    """The memory format a (B, C, H, W) map is laid out in: channels-last or channels-first."""
+    channels_last = (
+        x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    )
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 def _to_subgrids(
-    x: torch.Tensor, dilation: int, memory_format: Optional[torch.memory_format] = None
+    x: torch.Tensor, dilation: int, memory_format: torch.memory_format
 ) -> torch.Tensor:
     """(B, C, H, W) -> (B * d * d, C, ceil(H / d), ceil(W / d)): the d x d sub-grids of the map,
     zero-padded on the bottom/right to multiples of d, as batch entries (the map itself for d=1),
-    in one copy, laid out in ``memory_format`` (None: a d=1 map as it is, channels-first
-    sub-grids otherwise)."""
+    in one copy laid out in ``memory_format``."""
     if dilation == 1:
-        return x if memory_format is None else x.contiguous(memory_format=memory_format)
+        return x.contiguous(memory_format=memory_format)
     batch, channels, height, width = x.shape
     x = F.pad(x, (0, -width % dilation, 0, -height % dilation))
     rows, cols = x.shape[2] // dilation, x.shape[3] // dilation
@@ -91,17 +100,31 @@ def _to_subgrids(
 
 
 def _from_subgrids(
-    x: torch.Tensor, dilation: int, size: Tuple[int, int]
+    x: torch.Tensor,
+    dilation: int,
+    size: Tuple[int, int],
+    memory_format: torch.memory_format,
 ) -> torch.Tensor:
-    """Inverse of :func:`_to_subgrids`, cropped to ``size``."""
+    """Inverse of :func:`_to_subgrids`, cropped to ``size``, laid out in ``memory_format``."""
     if dilation == 1:
-        return x
+        return x.contiguous(memory_format=memory_format)
     grids, channels, rows, cols = x.shape
-    batch = grids // (dilation * dilation)
-    x = x.view(batch, dilation, dilation, channels, rows, cols).permute(
-        0, 3, 4, 1, 5, 2
+    batch, height, width = (
+        grids // (dilation * dilation),
+        rows * dilation,
+        cols * dilation,
     )
-    x = x.reshape(batch, channels, rows * dilation, cols * dilation)
+    if memory_format == torch.channels_last:
+        x = x.permute(0, 2, 3, 1).reshape(
+            batch, dilation, dilation, rows, cols, channels
+        )
+        x = x.permute(0, 3, 1, 4, 2, 5).reshape(batch, height, width, channels)
+        x = x.permute(0, 3, 1, 2)
+    else:
+        x = x.view(batch, dilation, dilation, channels, rows, cols).permute(
+            0, 3, 4, 1, 5, 2
+        )
+        x = x.reshape(batch, channels, height, width)
     return x[:, :, : size[0], : size[1]]
 
 

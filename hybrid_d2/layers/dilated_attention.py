@@ -24,7 +24,11 @@ __all__ = ["FLOP_OP_NAME", "dilated_attention", "traced_as_one_node"]
 
 
 def _shifted_views(
-    padded: torch.Tensor, num_heads: int, dilations: Sequence[int], kernel_size: int, pad: int
+    padded: torch.Tensor,
+    num_heads: int,
+    dilations: Sequence[int],
+    kernel_size: int,
+    pad: int,
 ) -> Iterator[torch.Tensor]:
     """The k*k shifted (B, groups, heads/groups, head_dim, H, W) views of a (B, C, H + 2*pad,
     W + 2*pad) map, in row-major window order (that of ``nn.Unfold``), Eq. (3): key
@@ -64,7 +68,11 @@ def _heads(q: torch.Tensor, groups: int, num_heads: int) -> Tuple[int, ...]:
 
 
 def _attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, dilations: Tuple[int, ...],
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    num_heads: int,
+    dilations: Tuple[int, ...],
     kernel_size: int,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, float]:
     """The forward pass in differentiable ops: (out (B, G, heads/G, head_dim, H, W),
@@ -97,7 +105,9 @@ class _DilatedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, num_heads, dilations, kernel_size):
-        out, attn, k_pad, v_pad, pad, scale = _attend(q, k, v, num_heads, dilations, kernel_size)
+        out, attn, k_pad, v_pad, pad, scale = _attend(
+            q, k, v, num_heads, dilations, kernel_size
+        )
         ctx.save_for_backward(q, k_pad, v_pad, attn)
         ctx.config = (num_heads, tuple(dilations), kernel_size, pad, scale)
         attn = attn.flatten(1, 2)
@@ -123,7 +133,11 @@ class _DilatedAttention(torch.autograd.Function):
             grad_v_j.addcmul_(attn[:, :, :, j : j + 1], grad_out)
         grad_attn = torch.stack(grad_attn, dim=3)
         # softmax backward, then the 1/sqrt(d) scale
-        grad_logits = grad_attn.sub_((attn * grad_attn).sum(3, keepdim=True)).mul_(attn).mul_(scale)
+        grad_logits = (
+            grad_attn.sub_((attn * grad_attn).sum(3, keepdim=True))
+            .mul_(attn)
+            .mul_(scale)
+        )
         q_heads = q.unflatten(1, heads[1:4])
         grad_q = torch.zeros(heads, dtype=q.dtype, device=q.device)
         grad_k_pad = torch.zeros_like(k_pad)
@@ -135,7 +149,14 @@ class _DilatedAttention(torch.autograd.Function):
             grad_q.addcmul_(grad_logits[:, :, :, j : j + 1], k_j)
             grad_k_j.addcmul_(grad_logits[:, :, :, j : j + 1], q_heads)
         interior = (Ellipsis, slice(pad, pad + height), slice(pad, pad + width))
-        return grad_q.view(q.shape), grad_k_pad[interior], grad_v_pad[interior], None, None, None
+        return (
+            grad_q.view(q.shape),
+            grad_k_pad[interior],
+            grad_v_pad[interior],
+            None,
+            None,
+            None,
+        )
 
 
 def dilated_attention(

@@ -25,7 +25,8 @@ class Option:
     has none under ``name`` (otherwise the signature's is taken); ``config_default`` is the config
     key's, where it differs from the constructor's (e.g. "SyncBN" in the configs, "BN" for a
     backbone built in Python). ``norm`` marks a norm name, which the builder resolves for the
-    device (``SyncBN`` off CUDA becomes Detectron2's naive SyncBN, see ``norm_for_device``)."""
+    device (``SyncBN`` off CUDA becomes Detectron2's naive SyncBN, see ``norm_for_device``).
+    """
 
     name: str
     help: str
@@ -85,16 +86,22 @@ class BackboneFamily:
     extra_variant_keys: Tuple[str, ...] = ()
     imagenet_drop_path: Optional[Mapping[str, float]] = None
     network_options: Optional[Callable[[str, Dict[str, Any]], Dict[str, Any]]] = None
-    stem_and_stages: Optional[Callable[[nn.Module], Tuple[nn.Module, Sequence[nn.Module]]]] = None
+    stem_and_stages: Optional[
+        Callable[[nn.Module], Tuple[nn.Module, Sequence[nn.Module]]]
+    ] = None
     frozen_modules: Optional[Callable[[nn.Module, int], List[nn.Module]]] = None
     option_names: Tuple[str, ...] = field(init=False)
     constructor_defaults: Dict[str, Any] = field(init=False)
     config_defaults: Dict[str, Any] = field(init=False)
 
     def __post_init__(self) -> None:
-        constructor = {option.name: self._constructor_default(option) for option in self.options}
+        constructor = {
+            option.name: self._constructor_default(option) for option in self.options
+        }
         config = {
-            o.name: constructor[o.name] if o.config_default is _SAME else o.config_default
+            o.name: (
+                constructor[o.name] if o.config_default is _SAME else o.config_default
+            )
             for o in self.options
         }
         object.__setattr__(self, "option_names", tuple(constructor))
@@ -164,7 +171,8 @@ class BackboneFamily:
         self, state_dict: Dict[str, Any], variant: str, keep_head: bool = False
     ) -> Tuple[Dict[str, Any], List[str]]:
         """The official ImageNet weights ``state_dict`` renamed for this family's network (without
-        the classification head unless ``keep_head``), and the dropped keys (``converter``)."""
+        the classification head unless ``keep_head``), and the dropped keys (``converter``).
+        """
         if self.converter is None:
             raise ValueError(f"{self.title} has no official weights to convert")
         module, function = self.converter.split(":")

@@ -33,7 +33,13 @@ from torch import nn
 from .dilated_attention import FLOP_OP_NAME as DILATED_ATTENTION_OP
 from .dilated_attention import traced_as_one_node
 
-__all__ = ["CONVENTIONS", "FLOP_HANDLES", "MMCV_FLOP_HANDLES", "flop_count_analysis", "flop_totals"]
+__all__ = [
+    "CONVENTIONS",
+    "FLOP_HANDLES",
+    "MMCV_FLOP_HANDLES",
+    "flop_count_analysis",
+    "flop_totals",
+]
 
 
 def _prod(shape: List[int]) -> int:
@@ -57,13 +63,16 @@ def _baddbmm_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
 
 def _tuple_items(value: Any) -> List[Any]:
     """The traced values of a tuple output, read from the prim::TupleUnpack that consumes it."""
-    unpack = next(use.user for use in value.uses() if use.user.kind() == "prim::TupleUnpack")
+    unpack = next(
+        use.user for use in value.uses() if use.user.kind() == "prim::TupleUnpack"
+    )
     return list(unpack.outputs())
 
 
 def _dilated_attention_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
     """hybrid_d2.layers.dilated_attention: q.k and weights.v per query and key, that is
-    2 * numel(weights) * head_dim, what fvcore counts for the official unfold + matmul form."""
+    2 * numel(weights) * head_dim, what fvcore counts for the official unfold + matmul form.
+    """
     out, weights = (get_shape(v) for v in _tuple_items(outputs[0]))
     return 2 * _prod(weights) * (out[1] // weights[1])
 
@@ -92,7 +101,8 @@ def _tracing_inputs(inputs: Any) -> Iterator[None]:
 
 def _depends_on_input(value: Any) -> bool:
     """Whether a traced value is computed from the model's inputs (not from parameters, buffers
-    and constants alone). Shapes (``aten::size``) do not count as values of the input."""
+    and constants alone). Shapes (``aten::size``) do not count as values of the input.
+    """
     memo, stack = _traced["memo"], [value]
     while stack:
         current = stack[-1]
@@ -120,7 +130,9 @@ def _list_items(value: Any) -> List[Any]:
     return list(node.inputs()) if node.kind() == "prim::ListConstruct" else [value]
 
 
-def _unless_all_dynamic(handle: Handle, operands: Callable[[List[Any]], List[Any]]) -> Handle:
+def _unless_all_dynamic(
+    handle: Handle, operands: Callable[[List[Any]], List[Any]]
+) -> Handle:
     """``handle`` for products with an operand computed from parameters alone (a linear layer),
     zero for products of input-dependent operands (attention)."""
 
@@ -146,12 +158,17 @@ MMCV_FLOP_HANDLES: Dict[str, Handle] = {
     DILATED_ATTENTION_OP: _no_flops,
     "aten::matmul": _unless_all_dynamic(matmul_flop_jit, lambda inputs: inputs[:2]),
     "aten::bmm": _unless_all_dynamic(bmm_flop_jit, lambda inputs: inputs[:2]),
-    "aten::einsum": _unless_all_dynamic(einsum_flop_jit, lambda inputs: _list_items(inputs[1])),
+    "aten::einsum": _unless_all_dynamic(
+        einsum_flop_jit, lambda inputs: _list_items(inputs[1])
+    ),
     "aten::baddbmm": _unless_all_dynamic(_baddbmm_flop_jit, lambda inputs: inputs[1:3]),
     "aten::_convolution": _static_kernel_conv_flop_jit,
 }
 
-CONVENTIONS: Dict[str, Dict[str, Handle]] = {"fvcore": FLOP_HANDLES, "mmcv": MMCV_FLOP_HANDLES}
+CONVENTIONS: Dict[str, Dict[str, Handle]] = {
+    "fvcore": FLOP_HANDLES,
+    "mmcv": MMCV_FLOP_HANDLES,
+}
 _NOT_IN_MMCV = " (not in mmcv)"
 
 
@@ -165,7 +182,9 @@ def _split_handle(op: str, handle: Handle, mmcv_handle: Handle) -> Handle:
     name = op.split("::")[-1]
 
     def split(inputs: List[Any], outputs: List[Any]) -> Counter:
-        total, mmcv = _number(handle(inputs, outputs)), _number(mmcv_handle(inputs, outputs))
+        total, mmcv = _number(handle(inputs, outputs)), _number(
+            mmcv_handle(inputs, outputs)
+        )
         return Counter({name: mmcv, name + _NOT_IN_MMCV: total - mmcv})
 
     return split
@@ -197,9 +216,12 @@ def flop_count_analysis(
 
 def flop_totals(model: nn.Module, inputs: Any) -> Dict[str, int]:
     """Total FLOPs of ``model`` on ``inputs`` in each convention, {"fvcore": ..., "mmcv": ...},
-    from one trace (each equals ``flop_count_analysis(model, inputs, convention).total()``)."""
+    from one trace (each equals ``flop_count_analysis(model, inputs, convention).total()``).
+    """
     handles = {**_DEFAULT_SUPPORTED_OPS, **FLOP_HANDLES}
-    split = {op: _split_handle(op, handles[op], h) for op, h in MMCV_FLOP_HANDLES.items()}
+    split = {
+        op: _split_handle(op, handles[op], h) for op, h in MMCV_FLOP_HANDLES.items()
+    }
     analysis = flop_count_analysis(model, inputs).set_op_handle(**split)
     analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
     by_operator = analysis.by_operator()

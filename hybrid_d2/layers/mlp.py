@@ -8,6 +8,7 @@ the activations an MLP keeps drop from ``(1 + 2r) C`` to ``(1 + r) C`` values pe
 to 5C at ``r = 4``). Same operators, same results (``tests/test_mlp.py``). The same holds for a
 convolutional MLP whose GELU feeds a 1x1 convolution (DMFormer's).
 """
+
 from typing import Optional
 
 import torch
@@ -54,7 +55,11 @@ def gelu_linear(
 def _is_traced() -> bool:
     """Whether TorchScript or torch.compile is recording the call (custom autograd Functions are
     opaque to the first and need no memory trick under the second)."""
-    return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
+    return (
+        torch.jit.is_tracing()
+        or torch.jit.is_scripting()
+        or torch.compiler.is_compiling()
+    )
 
 
 def pointwise_linear(
@@ -70,7 +75,9 @@ class _GeluLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias):
         device = hidden.device.type
-        if torch.is_autocast_enabled(device):  # the casts autocast makes for linear / conv2d
+        if torch.is_autocast_enabled(
+            device
+        ):  # the casts autocast makes for linear / conv2d
             dtype = torch.get_autocast_dtype(device)
             hidden, weight, bias = (
                 None if t is None else t.to(dtype) for t in (hidden, weight, bias)

@@ -10,7 +10,16 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 # The string names that detectron2.layers.get_norm understands (detectron2 0.6 / 0.7).
-_D2_NORMS = ("BN", "SyncBN", "FrozenBN", "GN", "LN", "nnSyncBN", "naiveSyncBN", "naiveSyncBN_N")
+_D2_NORMS = (
+    "BN",
+    "SyncBN",
+    "FrozenBN",
+    "GN",
+    "LN",
+    "nnSyncBN",
+    "naiveSyncBN",
+    "naiveSyncBN_N",
+)
 
 
 class FrozenStatsBatchNorm2d(nn.BatchNorm2d):
@@ -40,7 +49,9 @@ def inference_affine(norm: nn.Module) -> Optional[Tuple[torch.Tensor, torch.Tens
     """The per-channel (scale, shift) a BatchNorm applies when it normalises with its running
     statistics (eval mode, FrozenBN, FrozenStatsBN), so that a preceding linear map can absorb
     it; None when it uses batch statistics or is no BatchNorm."""
-    uses_running_stats = isinstance(norm, (FrozenBatchNorm2d, FrozenStatsBatchNorm2d)) or (
+    uses_running_stats = isinstance(
+        norm, (FrozenBatchNorm2d, FrozenStatsBatchNorm2d)
+    ) or (
         isinstance(norm, _BatchNorm) and not norm.training and norm.track_running_stats
     )
     if not uses_running_stats:
@@ -80,4 +91,6 @@ def get_norm(norm: Union[str, Callable[[int], nn.Module]], channels: int) -> nn.
         return _NORMS[norm](channels)
     if norm in _D2_NORMS:
         return d2_get_norm(norm, channels)
-    raise ValueError(f"unknown norm {norm!r}; expected one of {sorted(_NORMS) + list(_D2_NORMS)}")
+    raise ValueError(
+        f"unknown norm {norm!r}; expected one of {sorted(_NORMS) + list(_D2_NORMS)}"
+    )

@@ -48,7 +48,9 @@ def add_family_config(cfg: CfgNode, family: BackboneFamily) -> None:
 def _make_builder(family: BackboneFamily, backbone: type, module: str) -> Callable:
     def build(cfg: CfgNode, input_shape: ShapeSpec) -> nn.Module:
         if input_shape.channels != 3:
-            raise ValueError(f"{family.title} expects 3 input channels, got {input_shape.channels}")
+            raise ValueError(
+                f"{family.title} expects 3 input channels, got {input_shape.channels}"
+            )
         node = cfg.MODEL[family.config_key]
         options = {
             option.name: (
@@ -101,7 +103,9 @@ def register_family(family: BackboneFamily, module: str) -> Tuple[type, Callable
         The backbone class and the builder, to be bound to their names in the family module.
     """
     if family.name in FAMILIES:
-        raise ValueError(f"a backbone family named {family.name!r} is already registered")
+        raise ValueError(
+            f"a backbone family named {family.name!r} is already registered"
+        )
     backbone = type(
         family.backbone_name,
         (PyramidBackbone,),
@@ -110,6 +114,8 @@ def register_family(family: BackboneFamily, module: str) -> Tuple[type, Callable
     builder = _make_builder(family, backbone, module)
     BACKBONE_REGISTRY.register(builder)
     family.classifier.family = family
-    register_classifiers(module, family.name, family.classifier, family.variants, **family.timm_cfg)
+    register_classifiers(
+        module, family.name, family.classifier, family.variants, **family.timm_cfg
+    )
     FAMILIES[family.name] = family
     return backbone, builder

@@ -8,7 +8,13 @@ import torch.utils.checkpoint
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["Stage", "checkpointed", "running_stats_frozen", "to_channels_first", "to_channels_last"]
+__all__ = [
+    "Stage",
+    "checkpointed",
+    "running_stats_frozen",
+    "to_channels_first",
+    "to_channels_last",
+]
 
 
 def to_channels_first(x: torch.Tensor) -> torch.Tensor:
@@ -24,8 +30,13 @@ def to_channels_last(x: torch.Tensor) -> torch.Tensor:
 @contextlib.contextmanager
 def running_stats_frozen(module: nn.Module) -> Iterator[None]:
     """Let ``module``'s BatchNorms normalise with batch statistics without updating their running
-    statistics (momentum 0; num_batches_tracked restored): a checkpointed block's recomputation."""
-    norms = [m for m in module.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    statistics (momentum 0; num_batches_tracked restored): a checkpointed block's recomputation.
+    """
+    norms = [
+        m
+        for m in module.modules()
+        if isinstance(m, _BatchNorm) and m.track_running_stats
+    ]
     saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
     for m in norms:
         m.momentum = 0.0
@@ -71,5 +82,9 @@ class Stage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         for block in self.blocks:
-            x = checkpointed(block, x) if self.use_checkpoint and self.training else block(x)
+            x = (
+                checkpointed(block, x)
+                if self.use_checkpoint and self.training
+                else block(x)
+            )
         return x, None if self.downsample is None else self.downsample(x)

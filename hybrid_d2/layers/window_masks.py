@@ -34,7 +34,9 @@ def window_attention_mask(
     """
     height, width = size
     if not 0 <= shift < window_size:
-        raise ValueError(f"shift={shift}: expected 0 <= shift < window_size={window_size}")
+        raise ValueError(
+            f"shift={shift}: expected 0 <= shift < window_size={window_size}"
+        )
     padded_h, padded_w = (
         -(-height // window_size) * window_size,
         -(-width // window_size) * window_size,
@@ -43,7 +45,11 @@ def window_attention_mask(
         return None
     region = torch.zeros(padded_h, padded_w, device=device)
     if shift:
-        bounds = (slice(0, -window_size), slice(-window_size, -shift), slice(-shift, None))
+        bounds = (
+            slice(0, -window_size),
+            slice(-window_size, -shift),
+            slice(-shift, None),
+        )
         for i, rows in enumerate(bounds):
             for j, cols in enumerate(bounds):
                 region[rows, cols] = 3 * i + j

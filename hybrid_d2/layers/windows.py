@@ -20,7 +20,9 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     return x
 
 
-def window_partition(x: torch.Tensor, window_size: int) -> Tuple[torch.Tensor, Tuple[int, int]]:
+def window_partition(
+    x: torch.Tensor, window_size: int
+) -> Tuple[torch.Tensor, Tuple[int, int]]:
     """Split a (B, H, W, C) map into windows, padding it first if needed.
 
     Returns:
@@ -30,9 +32,16 @@ def window_partition(x: torch.Tensor, window_size: int) -> Tuple[torch.Tensor, T
     x = pad_to_multiple(x, window_size)
     batch, height, width, channels = x.shape
     x = x.view(
-        batch, height // window_size, window_size, width // window_size, window_size, channels
+        batch,
+        height // window_size,
+        window_size,
+        width // window_size,
+        window_size,
+        channels,
     )
-    windows = x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window_size * window_size, channels)
+    windows = x.permute(0, 1, 3, 2, 4, 5).reshape(
+        -1, window_size * window_size, channels
+    )
     return windows, (height, width)
 
 
@@ -46,7 +55,12 @@ def window_reverse(
     padded_h, padded_w = padded_size
     channels = windows.shape[-1]
     x = windows.view(
-        -1, padded_h // window_size, padded_w // window_size, window_size, window_size, channels
+        -1,
+        padded_h // window_size,
+        padded_w // window_size,
+        window_size,
+        window_size,
+        channels,
     )
     x = x.permute(0, 1, 3, 2, 4, 5).reshape(-1, padded_h, padded_w, channels)
     height, width = size
@@ -61,9 +75,13 @@ def relative_position_index(window_size: int) -> torch.Tensor:
     Returns a (ws*ws, ws*ws) long tensor; entry (i, j) encodes the offset of token i from token j.
     """
     coords = torch.stack(
-        torch.meshgrid(torch.arange(window_size), torch.arange(window_size), indexing="ij")
+        torch.meshgrid(
+            torch.arange(window_size), torch.arange(window_size), indexing="ij"
+        )
     ).flatten(
         1
     )  # (2, ws*ws)
-    relative = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window_size - 1)
+    relative = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (
+        window_size - 1
+    )
     return relative[..., 0] * (2 * window_size - 1) + relative[..., 1]

@@ -19,7 +19,13 @@ from torch import nn
 
 from ..layers import get_norm, norm_for_device
 
-__all__ = ["FCNAuxHead", "PyramidPoolingModule", "SemanticFPNHead", "UperNetHead", "sem_seg_loss"]
+__all__ = [
+    "FCNAuxHead",
+    "PyramidPoolingModule",
+    "SemanticFPNHead",
+    "UperNetHead",
+    "sem_seg_loss",
+]
 
 
 def sem_seg_loss(
@@ -34,12 +40,16 @@ def sem_seg_loss(
         logits.float(), size=targets.shape[-2:], mode="bilinear", align_corners=False
     )
     if avg_non_ignore:
-        return F.cross_entropy(logits, targets, ignore_index=ignore_value, reduction="mean")
+        return F.cross_entropy(
+            logits, targets, ignore_index=ignore_value, reduction="mean"
+        )
     loss = F.cross_entropy(logits, targets, ignore_index=ignore_value, reduction="none")
     return loss.sum() / max(loss.numel(), 1)
 
 
-def _conv_norm_relu(in_channels: int, out_channels: int, kernel_size: int, norm: str) -> Conv2d:
+def _conv_norm_relu(
+    in_channels: int, out_channels: int, kernel_size: int, norm: str
+) -> Conv2d:
     """mmcv's ConvModule: conv without bias, norm, ReLU; Kaiming (fan-out) init as mmcv's."""
     conv = Conv2d(
         in_channels,
@@ -71,10 +81,14 @@ class PyramidPoolingModule(nn.Module):
     conv-norm-ReLU, resize back; the input and the branches are concatenated, then fused by a 3x3
     conv-norm-ReLU (UperNet's ``bottleneck``)."""
 
-    def __init__(self, in_channels: int, channels: int, pool_scales: Sequence[int], norm: str):
+    def __init__(
+        self, in_channels: int, channels: int, pool_scales: Sequence[int], norm: str
+    ):
         super().__init__()
         self.branches = nn.ModuleList(
-            nn.Sequential(nn.AdaptiveAvgPool2d(s), _conv_norm_relu(in_channels, channels, 1, norm))
+            nn.Sequential(
+                nn.AdaptiveAvgPool2d(s), _conv_norm_relu(in_channels, channels, 1, norm)
+            )
             for s in pool_scales
         )
         self.bottleneck = _conv_norm_relu(
@@ -101,7 +115,9 @@ class FCNAuxHead(nn.Module):
     ):
         super().__init__()
         if num_convs < 1:
-            raise ValueError(f"MODEL.SEM_SEG_HEAD.AUX.NUM_CONVS: expected >= 1, got {num_convs}")
+            raise ValueError(
+                f"MODEL.SEM_SEG_HEAD.AUX.NUM_CONVS: expected >= 1, got {num_convs}"
+            )
         self.convs = nn.Sequential(
             *(
                 _conv_norm_relu(in_channels if i == 0 else channels, channels, 3, norm)
@@ -131,7 +147,8 @@ class UperNetHead(nn.Module):
     """UperNet (Xiao et al. 2018) as mmseg's ``UPerHead``: pyramid pooling on the coarsest input,
     1x1 laterals on the others, top-down sum, 3x3 FPN convs, all levels resized to the finest and
     concatenated, a 3x3 ``fpn_bottleneck``, Dropout2d and a 1x1 classifier. With ``aux_in_feature``
-    an :class:`FCNAuxHead` adds ``loss_sem_seg_aux`` in training (not used in inference)."""
+    an :class:`FCNAuxHead` adds ``loss_sem_seg_aux`` in training (not used in inference).
+    """
 
     @configurable
     def __init__(
@@ -153,7 +170,9 @@ class UperNetHead(nn.Module):
         aux_loss_weight: float = 0.4,
     ):
         super().__init__()
-        self.in_features = sorted(in_features, key=lambda name: input_shape[name].stride)
+        self.in_features = sorted(
+            in_features, key=lambda name: input_shape[name].stride
+        )
         in_channels = [input_shape[name].channels for name in self.in_features]
         self.common_stride = input_shape[self.in_features[0]].stride
         self.ignore_value, self.loss_weight = ignore_value, loss_weight
@@ -165,7 +184,9 @@ class UperNetHead(nn.Module):
         self.fpn_convs = nn.ModuleList(
             _conv_norm_relu(channels, channels, 3, norm) for _ in in_channels[:-1]
         )
-        self.fpn_bottleneck = _conv_norm_relu(len(in_channels) * channels, channels, 3, norm)
+        self.fpn_bottleneck = _conv_norm_relu(
+            len(in_channels) * channels, channels, 3, norm
+        )
         self.dropout = nn.Dropout2d(dropout)
         self.predictor = _classifier(channels, num_classes)
         self.aux_in_feature, self.aux_loss_weight = aux_in_feature, aux_loss_weight
@@ -183,10 +204,14 @@ class UperNetHead(nn.Module):
     @classmethod
     def from_config(cls, cfg: CfgNode, input_shape: Dict[str, ShapeSpec]) -> dict:
         head = cfg.MODEL.SEM_SEG_HEAD
-        _check_in_features(input_shape, head.IN_FEATURES, "MODEL.SEM_SEG_HEAD.IN_FEATURES")
+        _check_in_features(
+            input_shape, head.IN_FEATURES, "MODEL.SEM_SEG_HEAD.IN_FEATURES"
+        )
         aux = head.AUX
         if aux.ENABLED:
-            _check_in_features(input_shape, [aux.IN_FEATURE], "MODEL.SEM_SEG_HEAD.AUX.IN_FEATURE")
+            _check_in_features(
+                input_shape, [aux.IN_FEATURE], "MODEL.SEM_SEG_HEAD.AUX.IN_FEATURE"
+            )
         return {
             "input_shape": {k: v for k, v in input_shape.items()},
             "in_features": head.IN_FEATURES,
@@ -210,8 +235,12 @@ class UperNetHead(nn.Module):
         laterals = [conv(x) for conv, x in zip(self.lateral_convs, inputs)]
         laterals.append(self.ppm(inputs[-1]))
         for i in range(len(laterals) - 1, 0, -1):  # top-down pathway
-            laterals[i - 1] = laterals[i - 1] + _resize(laterals[i], laterals[i - 1].shape[-2:])
-        outputs = [conv(x) for conv, x in zip(self.fpn_convs, laterals)] + [laterals[-1]]
+            laterals[i - 1] = laterals[i - 1] + _resize(
+                laterals[i], laterals[i - 1].shape[-2:]
+            )
+        outputs = [conv(x) for conv, x in zip(self.fpn_convs, laterals)] + [
+            laterals[-1]
+        ]
         size = outputs[0].shape[-2:]
         fused = torch.cat([outputs[0]] + [_resize(x, size) for x in outputs[1:]], dim=1)
         return self.predictor(self.dropout(self.fpn_bottleneck(fused)))
@@ -223,13 +252,17 @@ class UperNetHead(nn.Module):
         if not self.training:
             scale = float(self.common_stride)
             return (
-                F.interpolate(logits, scale_factor=scale, mode="bilinear", align_corners=False),
+                F.interpolate(
+                    logits, scale_factor=scale, mode="bilinear", align_corners=False
+                ),
                 {},
             )
         losses = {"loss_sem_seg": self.loss_weight * self._loss(logits, targets)}
         if self.aux_head is not None:
             aux_logits = self.aux_head(features[self.aux_in_feature])
-            losses["loss_sem_seg_aux"] = self.aux_loss_weight * self._loss(aux_logits, targets)
+            losses["loss_sem_seg_aux"] = self.aux_loss_weight * self._loss(
+                aux_logits, targets
+            )
         return None, losses
 
     def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -260,15 +293,24 @@ class SemanticFPNHead(SemSegFPNHead):
     @classmethod
     def from_config(cls, cfg: CfgNode, input_shape: Dict[str, ShapeSpec]) -> dict:
         head = cfg.MODEL.SEM_SEG_HEAD
-        _check_in_features(input_shape, head.IN_FEATURES, "MODEL.SEM_SEG_HEAD.IN_FEATURES")
+        _check_in_features(
+            input_shape, head.IN_FEATURES, "MODEL.SEM_SEG_HEAD.IN_FEATURES"
+        )
         args = super().from_config(cfg, input_shape)
         args["norm"] = norm_for_device(head.NORM, cfg.MODEL.DEVICE)
         return dict(args, dropout=head.DROPOUT, avg_non_ignore=head.LOSS_AVG_NON_IGNORE)
 
     def layers(self, features: Dict[str, torch.Tensor]) -> torch.Tensor:
-        summed = sum(head(features[name]) for name, head in zip(self.in_features, self.scale_heads))
+        summed = sum(
+            head(features[name])
+            for name, head in zip(self.in_features, self.scale_heads)
+        )
         return self.predictor(self.dropout(summed))
 
-    def losses(self, predictions: torch.Tensor, targets: torch.Tensor) -> Dict[str, torch.Tensor]:
-        loss = sem_seg_loss(predictions, targets, self.ignore_value, self.avg_non_ignore)
+    def losses(
+        self, predictions: torch.Tensor, targets: torch.Tensor
+    ) -> Dict[str, torch.Tensor]:
+        loss = sem_seg_loss(
+            predictions, targets, self.ignore_value, self.avg_non_ignore
+        )
         return {"loss_sem_seg": loss * self.loss_weight}

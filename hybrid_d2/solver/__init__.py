@@ -1,4 +1,9 @@
-from .build import backbone_layer_id, build_optimizer, get_param_groups, layer_decay_lr_factor
+from .build import (
+    backbone_layer_id,
+    build_optimizer,
+    get_param_groups,
+    layer_decay_lr_factor,
+)
 from .schedule import LR_SCHEDULERS, build_lr_scheduler
 
 __all__ = [

@@ -1,4 +1,5 @@
 """AdamW with the transformer recipe: parameter groups, layer-wise lr decay, gradient clipping."""
+
 import re
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -93,7 +94,11 @@ def build_optimizer(cfg: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
                 f"got {type(bottom_up).__name__}"
             )
         lr_factor_func = layer_decay_lr_factor(depths, solver.LAYER_DECAY.RATE)
-    weight_decay_bias = solver.WEIGHT_DECAY if solver.WEIGHT_DECAY_BIAS is None else solver.WEIGHT_DECAY_BIAS
+    weight_decay_bias = (
+        solver.WEIGHT_DECAY
+        if solver.WEIGHT_DECAY_BIAS is None
+        else solver.WEIGHT_DECAY_BIAS
+    )
     params = get_param_groups(
         model,
         base_lr=solver.BASE_LR,
@@ -109,9 +114,14 @@ def build_optimizer(cfg: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
         )
     if solver.OPTIMIZER == "SGD":
         return _with_gradient_clipping(cfg, torch.optim.SGD)(
-            params, lr=solver.BASE_LR, momentum=solver.MOMENTUM, nesterov=solver.NESTEROV
+            params,
+            lr=solver.BASE_LR,
+            momentum=solver.MOMENTUM,
+            nesterov=solver.NESTEROV,
         )
-    raise ValueError(f"SOLVER.OPTIMIZER={solver.OPTIMIZER!r}: expected 'AdamW' or 'SGD'")
+    raise ValueError(
+        f"SOLVER.OPTIMIZER={solver.OPTIMIZER!r}: expected 'AdamW' or 'SGD'"
+    )
 
 
 def _with_gradient_clipping(cfg: CfgNode, optimizer_type: type) -> type:
@@ -126,8 +136,16 @@ def _with_gradient_clipping(cfg: CfgNode, optimizer_type: type) -> type:
         torch.nn.utils.clip_grad_norm_(params, clip.CLIP_VALUE, clip.NORM_TYPE)
         return optimizer_type.step(self, closure)
 
-    return type(optimizer_type.__name__ + "WithFullModelGradientClip", (optimizer_type,), {"step": step})
+    return type(
+        optimizer_type.__name__ + "WithFullModelGradientClip",
+        (optimizer_type,),
+        {"step": step},
+    )
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    return (
+        model.module
+        if isinstance(model, nn.parallel.DistributedDataParallel)
+        else model
+    )

@@ -24,7 +24,9 @@ def build_lr_scheduler(cfg: CfgNode, optimizer: torch.optim.Optimizer):
     """
     name = cfg.SOLVER.LR_SCHEDULER_NAME
     if name not in LR_SCHEDULERS:
-        raise ValueError(f"SOLVER.LR_SCHEDULER_NAME: expected one of {LR_SCHEDULERS}, got {name!r}")
+        raise ValueError(
+            f"SOLVER.LR_SCHEDULER_NAME: expected one of {LR_SCHEDULERS}, got {name!r}"
+        )
     if name != "WarmupPolyLR":
         return build_d2_lr_scheduler(cfg, optimizer)
     try:

@@ -1,4 +1,5 @@
 """Writing outputs so that a crash never leaves a half-written file behind."""
+
 import contextlib
 import fnmatch
 import os
@@ -19,9 +20,13 @@ def atomic_output(path: str) -> Iterator[str]:
     from it (``cv2.imwrite``, ``cv2.VideoWriter``) work unchanged. A process killed while writing
     leaves the temporary file behind; :func:`stale_temp_files` finds it."""
     directory, name = os.path.split(os.path.abspath(path))
-    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=os.path.splitext(name)[1])
+    fd, tmp_path = tempfile.mkstemp(
+        dir=directory, prefix=f".{name}.", suffix=os.path.splitext(name)[1]
+    )
     os.close(fd)
-    os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes it owner-only; give it a normal file's mode
+    os.chmod(
+        tmp_path, 0o666 & ~_umask()
+    )  # mkstemp makes it owner-only; give it a normal file's mode
     try:
         yield tmp_path
         with open(tmp_path, "rb") as f:

@@ -22,10 +22,12 @@ Additions for detection:
 * The three dilated depth-wise branches can run as three convs ("separate") or as one depth-wise
   conv whose 19x19 kernel is the sum of the three dilated kernels ("fused"); both compute the same
   function of the same parameters. The default "auto" takes whichever measured faster on CPU
-  (docs/dmformer.md): fused, on a channels-last map, for CPU inference; separate for training
-  (each a ``DepthwiseConv2d``, whose CPU path turns the dilation into undilated convs over
-  sub-grids and runs a faster backward: hybrid_d2.layers.depthwise), on CUDA and under FLOP
-  tracing.
+  (docs/dmformer.md): fused for CPU inference; separate for training (each a
+  ``DepthwiseConv2d``, whose CPU path turns the dilation into undilated convs over sub-grids and
+  runs a faster backward: hybrid_d2.layers.depthwise), on CUDA and under FLOP tracing.
+* On CPU the network runs on channels-last maps, in training and inference: its 1x1 convs run
+  as GEMMs over the (B, H, W, C) view (``Pointwise``) and oneDNN's depth-wise kernels are faster
+  there (docs/dmformer.md).
 
 ``DMFormerClassifier`` is the ImageNet model (the trunk plus LayerNorm, average pool and Linear:
 the paper describes no head; VAN's gives its parameter counts), registered with timm as

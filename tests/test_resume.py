@@ -245,10 +245,14 @@ FAMILY_CONFIGS = {
     "dmformer": "dmformer_s_mask_rcnn_shapes.yaml",
 }
 # Two processes where a framework keeps per-rank state of its own (RetinaNet's loss normalizer,
-# the LVIS repeat-factor sampler); one process for the others. One-process Mask R-CNN is
+# the LVIS repeat-factor sampler), one process for the others: the one-process path itself is
+# that of every other case, and one-process Mask R-CNN is
 # test_killed_and_resumed_run_equals_uninterrupted_run's run.
-RESUME_CASES = [(name, 1) for name in sorted({*FRAMEWORK_CONFIGS, *FAMILY_CONFIGS} - {"mask_rcnn"})]
-RESUME_CASES += [("lvis", 2), ("retinanet", 2)]
+PER_RANK_STATE = {"lvis", "retinanet"}
+RESUME_CASES = [
+    (name, 2 if name in PER_RANK_STATE else 1)
+    for name in sorted({*FRAMEWORK_CONFIGS, *FAMILY_CONFIGS} - {"mask_rcnn"})
+]
 # The 2-process RetinaNet run (per-rank state) is SIGKILLed (the whole process group) after
 # iteration 2 and resumed; the other cases resume from checkpoint 1 of the uninterrupted run, the
 # file such a kill leaves (kills in one process: test_killed_and_resumed_run_equals_uninterrupted_run).

@@ -402,15 +402,20 @@ class DMFormer(nn.Module):
             nn.init.zeros_(module.bias)
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        # On CPU the blocks run on channels-last maps: oneDNN's depth-wise kernels are fast there
+        # and the 1x1 convs run as GEMMs (Pointwise). The outputs go back to the caller's layout,
+        # since the FPN and heads after them train 15% slower on channels-last maps
+        # (docs/dmformer.md, "Layout").
+        caller_channels_last = x.is_contiguous(memory_format=torch.channels_last)
         if x.device.type == "cpu":
-            # oneDNN's depth-wise kernels are fast on channels-last maps, where the 1x1 convs run
-            # as GEMMs (Pointwise): -17% per CPU training step (docs/dmformer.md)
             x = x.contiguous(memory_format=torch.channels_last)
         x = self.stem(x)
         outputs = []
         for stage in self.stages:
             out, x = stage(x)
             outputs.append(out)
+        if not caller_channels_last:
+            outputs = [out.contiguous() for out in outputs]
         return outputs
 
 

@@ -232,10 +232,23 @@ def test_auto_inference_path_equals_separate_convs():
     x = torch.randn(1, 3, 97, 64)
     with torch.no_grad():
         expected, got = separate(x), auto(x)
-    assert got["res2"].is_contiguous(memory_format=torch.channels_last)
+    assert all(got[name].is_contiguous() for name in FEATURES)  # the caller's layout
     for name in FEATURES:  # fp32 rounding of a 12-block network, relative to each map's scale
         scale = expected[name].abs().max()
         torch.testing.assert_close(got[name] / scale, expected[name] / scale, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_outputs_come_back_in_the_callers_layout(memory_format):
+    """The blocks run on channels-last maps on CPU; the FPN and heads get the caller's layout
+    (on channels-last maps a DMFormer-S Mask R-CNN training step took 15% longer)."""
+    torch.manual_seed(0)
+    network = DMFormer(depths=(1, 1, 1, 1)).train()
+    x = torch.randn(2, 3, 64, 96).contiguous(memory_format=memory_format).requires_grad_()
+    outputs = network(x)
+    sum(out.sum() for out in outputs).backward()
+    assert all(out.is_contiguous(memory_format=memory_format) for out in outputs)
+    assert x.grad.is_contiguous(memory_format=memory_format)
 
 
 def test_pointwise_conv_on_channels_last_maps():

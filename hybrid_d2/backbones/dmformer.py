@@ -25,9 +25,11 @@ Additions for detection:
   (docs/dmformer.md): fused for CPU inference; separate for training (each a
   ``DepthwiseConv2d``, whose CPU path turns the dilation into undilated convs over sub-grids and
   runs a faster backward: hybrid_d2.layers.depthwise), on CUDA and under FLOP tracing.
-* On CPU the network runs on channels-last maps, in training and inference: its 1x1 convs run
+* On CPU the blocks run on channels-last maps, in training and inference: their 1x1 convs run
   as GEMMs over the (B, H, W, C) view (``Pointwise``) and oneDNN's depth-wise kernels are faster
-  there (docs/dmformer.md).
+  there. The stem runs channels-first when it is trained (oneDNN's backward of its dense convs
+  is slower channels-last), channels-last otherwise; the outputs come back in the caller's
+  layout (docs/dmformer.md, "Layout").
 
 ``DMFormerClassifier`` is the ImageNet model (the trunk plus LayerNorm, average pool and Linear:
 the paper describes no head; VAN's gives its parameter counts), registered with timm as
@@ -401,6 +403,15 @@ class DMFormer(nn.Module):
             nn.init.normal_(module.weight, 0.0, (2.0 * module.groups / fan_out) ** 0.5)
             nn.init.zeros_(module.bias)
 
+    def _stem_layout(self, x: torch.Tensor) -> torch.memory_format:
+        """The layout the stem runs in on CPU: channels-first when it will be differentiated
+        (oneDNN's backward of its dense 3x3 conv at 64 channels is 2x slower channels-last),
+        channels-last otherwise (its forward is 1.4x faster there; docs/dmformer.md, "Layout")."""
+        trains = torch.is_grad_enabled() and (
+            x.requires_grad or any(p.requires_grad for p in self.stem.parameters())
+        )
+        return torch.contiguous_format if trains else torch.channels_last
+
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
         # On CPU the blocks run on channels-last maps: oneDNN's depth-wise kernels are fast there
         # and the 1x1 convs run as GEMMs (Pointwise). The outputs go back to the caller's layout,
@@ -408,8 +419,10 @@ class DMFormer(nn.Module):
         # (docs/dmformer.md, "Layout").
         caller_channels_last = x.is_contiguous(memory_format=torch.channels_last)
         if x.device.type == "cpu":
+            x = self.stem(x.contiguous(memory_format=self._stem_layout(x)))
             x = x.contiguous(memory_format=torch.channels_last)
-        x = self.stem(x)
+        else:
+            x = self.stem(x)
         outputs = []
         for stage in self.stages:
             out, x = stage(x)

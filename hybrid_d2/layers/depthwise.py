@@ -21,7 +21,7 @@ TorchScript tracing (fvcore's FLOP counting) and any layout other than odd kerne
 padding and stride 1 take ``F.conv2d`` as it is.
 """
 
-from typing import Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -82,50 +82,61 @@ def _to_subgrids(
     x: torch.Tensor, dilation: int, memory_format: torch.memory_format
 ) -> torch.Tensor:
     """(B, C, H, W) -> (B * d * d, C, ceil(H / d), ceil(W / d)): the d x d sub-grids of the map,
-    zero-padded on the bottom/right to multiples of d, as batch entries (the map itself for d=1),
-    in one copy laid out in ``memory_format``."""
+    zero-padded on the bottom/right to the same size, as batch entries (the map itself for d=1),
+    laid out in ``memory_format``. One pass over the map: each sub-grid is copied into its place
+    and only its padding is zeroed (a zero-padded copy first would cost a second pass)."""
     if dilation == 1:
         return x.contiguous(memory_format=memory_format)
     batch, channels, height, width = x.shape
-    x = F.pad(x, (0, -width % dilation, 0, -height % dilation))
-    rows, cols = x.shape[2] // dilation, x.shape[3] // dilation
-    x = x.view(batch, channels, rows, dilation, cols, dilation)
-    if memory_format == torch.channels_last:
-        x = x.permute(0, 3, 5, 2, 4, 1).reshape(
-            batch * dilation * dilation, rows, cols, channels
-        )
-        return x.permute(0, 3, 1, 2)
-    x = x.permute(0, 3, 5, 1, 2, 4)
-    return x.reshape(batch * dilation * dilation, channels, rows, cols)
+    rows, cols = -(-height // dilation), -(-width // dilation)
+    grids = torch.empty(
+        (batch * dilation * dilation, channels, rows, cols),
+        dtype=x.dtype,
+        device=x.device,
+        memory_format=memory_format,
+    )
+    for (i, j), grid in _subgrid_views(grids, dilation):
+        part = x[:, :, i::dilation, j::dilation]
+        part_rows, part_cols = part.shape[-2:]
+        grid[..., :part_rows, :part_cols].copy_(part)
+        grid[..., part_rows:, :].zero_()
+        grid[..., :part_rows, part_cols:].zero_()
+    return grids
 
 
 def _from_subgrids(
-    x: torch.Tensor,
+    grids: torch.Tensor,
     dilation: int,
     size: Tuple[int, int],
     memory_format: torch.memory_format,
 ) -> torch.Tensor:
-    """Inverse of :func:`_to_subgrids`, cropped to ``size``, laid out in ``memory_format``."""
+    """Inverse of :func:`_to_subgrids`: the (B, C, *size) map laid out in ``memory_format``,
+    each sub-grid copied back into its place in one pass (the padding dropped)."""
     if dilation == 1:
-        return x.contiguous(memory_format=memory_format)
-    grids, channels, rows, cols = x.shape
-    batch, height, width = (
-        grids // (dilation * dilation),
-        rows * dilation,
-        cols * dilation,
+        return grids.contiguous(memory_format=memory_format)
+    batch = grids.shape[0] // (dilation * dilation)
+    out = torch.empty(
+        (batch, grids.shape[1], *size),
+        dtype=grids.dtype,
+        device=grids.device,
+        memory_format=memory_format,
     )
-    if memory_format == torch.channels_last:
-        x = x.permute(0, 2, 3, 1).reshape(
-            batch, dilation, dilation, rows, cols, channels
-        )
-        x = x.permute(0, 3, 1, 4, 2, 5).reshape(batch, height, width, channels)
-        x = x.permute(0, 3, 1, 2)
-    else:
-        x = x.view(batch, dilation, dilation, channels, rows, cols).permute(
-            0, 3, 4, 1, 5, 2
-        )
-        x = x.reshape(batch, channels, height, width)
-    return x[:, :, : size[0], : size[1]]
+    for (i, j), grid in _subgrid_views(grids, dilation):
+        part = out[:, :, i::dilation, j::dilation]
+        part.copy_(grid[..., : part.shape[-2], : part.shape[-1]])
+    return out
+
+
+def _subgrid_views(
+    grids: torch.Tensor, dilation: int
+) -> Iterator[Tuple[Tuple[int, int], torch.Tensor]]:
+    """((i, j), the (B, C, rows, cols) view of sub-grid (i, j)) of a (B * d * d, C, rows, cols)
+    tensor whose batch entries are ordered (sample, i, j)."""
+    batch = grids.shape[0] // (dilation * dilation)
+    views = grids.view(batch, dilation, dilation, *grids.shape[1:])
+    return (
+        ((i, j), views[:, i, j]) for i in range(dilation) for j in range(dilation)
+    )
 
 
 def uses_fast_path(

@@ -251,6 +251,41 @@ def test_outputs_come_back_in_the_callers_layout(memory_format):
     assert x.grad.is_contiguous(memory_format=memory_format)
 
 
+def _layouts_seen(network: DMFormer, x: torch.Tensor) -> dict:
+    """Whether the stem's and the first block's inputs were channels-last in ``network(x)``."""
+    seen = {}
+
+    def record(name):
+        def hook(module, inputs):
+            seen[name] = inputs[0].is_contiguous(memory_format=torch.channels_last)
+
+        return hook
+
+    handles = [
+        network.stem.conv1.register_forward_pre_hook(record("stem")),
+        network.stages[0].blocks[0].register_forward_pre_hook(record("blocks")),
+    ]
+    network(x)
+    for handle in handles:
+        handle.remove()
+    return seen
+
+
+def test_the_stem_runs_channels_first_only_when_it_is_trained():
+    """oneDNN's backward of the stem's 3x3 conv is 2x slower channels-last, its forward faster
+    (docs/dmformer.md, "Layout"): a trained stem runs channels-first; a stem under no_grad or
+    frozen runs channels-last; the blocks run channels-last either way."""
+    torch.manual_seed(0)
+    network = DMFormer(depths=(1, 1, 1, 1)).train()
+    x = torch.randn(1, 3, 64, 96)
+    assert _layouts_seen(network, x) == {"stem": False, "blocks": True}
+    with torch.no_grad():
+        assert _layouts_seen(network, x) == {"stem": True, "blocks": True}
+    network.stem.requires_grad_(False)  # FREEZE_AT >= 1
+    assert _layouts_seen(network, x) == {"stem": True, "blocks": True}
+    assert _layouts_seen(network, x.requires_grad_()) == {"stem": False, "blocks": True}
+
+
 def test_pointwise_conv_on_channels_last_maps():
     torch.manual_seed(0)
     conv = Pointwise(16, 40)

@@ -251,8 +251,10 @@ def test_outputs_come_back_in_the_callers_layout(memory_format):
     assert x.grad.is_contiguous(memory_format=memory_format)
 
 
-def _layouts_seen(network: DMFormer, x: torch.Tensor) -> dict:
-    """Whether the stem's and the first block's inputs were channels-last in ``network(x)``."""
+def _layouts_seen(model: nn.Module, x: torch.Tensor) -> dict:
+    """Whether the stem's and the first block's inputs were channels-last in ``model(x)``
+    (a DMFormer, or the D2DMFormer around one)."""
+    network = model.net if isinstance(model, D2DMFormer) else model
     seen = {}
 
     def record(name):
@@ -265,7 +267,7 @@ def _layouts_seen(network: DMFormer, x: torch.Tensor) -> dict:
         network.stem.conv1.register_forward_pre_hook(record("stem")),
         network.stages[0].blocks[0].register_forward_pre_hook(record("blocks")),
     ]
-    network(x)
+    model(x)
     for handle in handles:
         handle.remove()
     return seen
@@ -281,9 +283,19 @@ def test_the_stem_runs_channels_first_only_when_it_is_trained():
     assert _layouts_seen(network, x) == {"stem": False, "blocks": True}
     with torch.no_grad():
         assert _layouts_seen(network, x) == {"stem": True, "blocks": True}
-    network.stem.requires_grad_(False)  # FREEZE_AT >= 1
+    network.stem.requires_grad_(False)
     assert _layouts_seen(network, x) == {"stem": True, "blocks": True}
     assert _layouts_seen(network, x.requires_grad_()) == {"stem": False, "blocks": True}
+
+
+@pytest.mark.parametrize("freeze_at, stem_channels_last", [(0, False), (1, True)])
+def test_the_stem_layout_follows_the_configs_freeze_at(freeze_at, stem_channels_last):
+    """Through the config a user writes: the shipped FREEZE_AT 0 trains the stem channels-first;
+    FREEZE_AT 1 freezes it, and it runs channels-last."""
+    torch.manual_seed(0)
+    backbone = build_from_config("MODEL.BACKBONE.FREEZE_AT", freeze_at).train()
+    seen = _layouts_seen(backbone, torch.randn(1, 3, 64, 96))
+    assert seen == {"stem": stem_channels_last, "blocks": True}
 
 
 def test_pointwise_conv_on_channels_last_maps():
